@@ -169,7 +169,10 @@ class LinearSDE(SDE):
     def _grad(self, fn, t: Tensor) -> Tensor:
         with torch.enable_grad():
             tt = t.detach().clone().requires_grad_(True)
-            (d,) = torch.autograd.grad(fn(tt).sum(), tt)
+            y = fn(tt)
+            if not y.requires_grad:      # a constant hook (e.g. log alpha = 0 for a VE-type SDE)
+                return torch.zeros_like(t)
+            (d,) = torch.autograd.grad(y.sum(), tt, allow_unused=True, materialize_grads=True)
         return d
 
     def _f(self, t: Tensor) -> Tensor:

@@ -1,0 +1,17 @@
+"""solvers: the numerical side of scoresde.
+
+``solvers.sample(model, x_T, method=..., steps=...)`` drives any registered method over a
+time grid and returns a :class:`Solution`; :func:`available_methods` lists the names.
+"""
+from ._registry import available_methods, get, register
+from .base import NonFiniteError, Solution, Solver, SolverError, StepInfo, StepTable, sample
+from .noise import BrownianNoise, GeneratorNoise, ZeroNoise
+from .timesteps import SCHEDULES, TimeGrid, make_grid
+from . import dpm  # noqa: F401  (registers the methods)
+from . import ode  # noqa: F401
+
+__all__ = [
+    "sample", "available_methods", "get", "register", "Solution", "Solver", "SolverError",
+    "NonFiniteError", "StepInfo", "StepTable", "BrownianNoise", "GeneratorNoise", "ZeroNoise",
+    "SCHEDULES", "TimeGrid", "make_grid",
+]

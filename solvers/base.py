@@ -1,0 +1,353 @@
+r"""The solver contract, the one step loop, NFE accounting and the boundary checks.
+
+A solver (STYLE.md E1) is a small dataclass whose fields are its options.  It declares
+``name``, ``order``, ``stochastic`` and ``requires_linear_sde`` and implements
+
+- ``prepare(sde, grid, like) -> StepTable``: every schedule coefficient, computed once in
+  float64 and cast to the state's dtype and device (plus Python control-flow facts such
+  as the order used at each step);
+- ``init(x) -> state``: the solver state (e.g. multistep :class:`History`), immutable;
+- ``step(model, i, x, state, table, noise) -> (x, state)``: advance from ``table.t[i]`` to
+  ``table.t[i+1]`` with tensor arithmetic only.
+
+:func:`sample` validates everything at the boundary (before the first network
+evaluation), builds the grid and the table, runs the loop and returns a
+:class:`Solution`.  ``nfe`` is the difference of the model's own counter over the call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from scoresde._checks import append_dims, check_finite_tensor, check_float, check_floating, check_int
+from scoresde.model import Denoised, ScoreModel
+from scoresde.sde import SDE, LinearSDE
+
+from . import _registry
+from .noise import NoiseSource, make_noise
+from .timesteps import TimeGrid, check_timesteps, make_grid
+
+__all__ = [
+    "Solver", "StepTable", "Solution", "StepInfo", "SolverError", "NonFiniteError", "sample",
+    "CheckedModel",
+]
+
+
+class SolverError(RuntimeError):
+    """A solve that could not finish (max steps, step-size underflow, ...); carries where it stopped."""
+
+    def __init__(self, message: str, *, t_reached: float | None = None, nfe: int | None = None,
+                 last_dt: float | None = None, status: Any = None, partial: "Solution | None" = None):
+        super().__init__(message)
+        self.t_reached, self.nfe, self.last_dt, self.status, self.partial = t_reached, nfe, last_dt, status, partial
+
+
+class NonFiniteError(SolverError, FloatingPointError):
+    """The network returned NaN/Inf; the message names the step, the time and the samples."""
+
+
+class StepTable(SimpleNamespace):
+    """Precomputed per-step coefficients (tensors on the state's device and dtype) and
+    Python control-flow facts (``orders``, ``steps``).  ``t64`` holds the grid in float64
+    on the state's device; ``t`` the grid as Python floats."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a per-step ``callback`` receives: step index, the time reached and the state."""
+
+    i: int
+    t: float
+    x: Tensor
+    nfe: int
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Result of :func:`sample`.
+
+    ``x``: the sample at ``t_end`` (the caller's dtype and device); ``nfe``: network calls
+    made, counted at the model; ``timesteps``: the float64 grid used; ``trajectory``:
+    ``[steps + 1, *x.shape]`` when asked for, else None; ``stats``: solver name, orders
+    used, accepted/rejected steps (adaptive), status and warnings."""
+
+    x: Tensor
+    nfe: int
+    timesteps: Tensor
+    trajectory: Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class CheckedModel:
+    """The model as a solver sees it: one counted ``evaluate`` per call, with non-finite
+    outputs caught where they happen (CPU: at once; CUDA: recorded on the device and
+    checked after the loop, so the loop never synchronises) and a step/time note added
+    to any exception the network raises."""
+
+    def __init__(self, model: ScoreModel, steps: int, check_finite: bool):
+        self.model, self.sde, self.steps, self.check_finite = model, model.sde, steps, check_finite
+        self.step_index = 0
+        self._deferred: list[tuple[int, Tensor, Tensor]] = []
+
+    def evaluate(self, x: Tensor, t64: Tensor) -> Denoised:
+        try:
+            d = self.model.evaluate(x, t64, validate=False)
+        except Exception as err:  # re-raised unchanged, with where it happened
+            if hasattr(err, "add_note"):
+                err.add_note(f"scoresde: raised by the model at step {self.step_index + 1}/{self.steps}, "
+                             f"t={float(t64.reshape(-1)[0]):.6g}")
+            raise
+        if self.check_finite:
+            bad = ~torch.isfinite(d.x0)
+            if d.x0.device.type == "cpu":
+                if bool(bad.any()):
+                    self._raise(bad, t64)
+            else:
+                self._deferred.append((self.step_index, t64, bad.reshape(bad.shape[0], -1).any(1)))
+        return d
+
+    def _raise(self, bad: Tensor, t64: Tensor, step: int | None = None) -> None:
+        step = self.step_index if step is None else step
+        per = bad.reshape(bad.shape[0], -1).any(1) if bad.ndim > 1 else bad
+        idx = torch.nonzero(per).flatten().tolist()
+        n = int(bad.sum())
+        raise NonFiniteError(
+            f"net returned {n} non-finite values at step {step + 1}/{self.steps}, "
+            f"t={float(t64.reshape(-1)[0]):.6g}, samples {idx[:10]}{' ...' if len(idx) > 10 else ''}",
+            t_reached=float(t64.reshape(-1)[0]), status="nonfinite",
+        )
+
+    def check_deferred(self) -> None:
+        if not self._deferred:
+            return
+        flags = torch.stack([b.any() for _, _, b in self._deferred]).cpu()
+        if bool(flags.any()):
+            k = int(torch.nonzero(flags).flatten()[0])
+            step, t64, bad = self._deferred[k]
+            self._raise(bad.cpu(), t64.cpu(), step)
+
+    # conveniences mirroring ScoreModel
+    def x0(self, x: Tensor, t64: Tensor) -> Tensor:
+        return self.evaluate(x, t64).x0
+
+    def eps(self, x: Tensor, t64: Tensor) -> Tensor:
+        return self.evaluate(x, t64).eps
+
+
+class Solver:
+    """Base of every fixed-step solver (a dataclass; its fields are the options).
+
+    Class attributes: ``name`` (set by ``register``), ``order`` (theoretical global order),
+    ``stochastic`` (draws noise), ``requires_linear_sde``, ``default_schedule``,
+    ``nfe_per_step``.
+    """
+
+    name: ClassVar[str] = "solver"
+    order: ClassVar[int] = 1
+    stochastic: ClassVar[bool] = False
+    requires_linear_sde: ClassVar[bool] = True
+    default_schedule: ClassVar[str] = "uniform"
+    nfe_per_step: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        """Check option values (ranges, literals); raise ValueError/TypeError naming them."""
+
+    # ------------------------------------------------------------- contract
+    def grid_intervals(self, steps: int) -> int:
+        """Number of grid intervals for a ``steps`` budget (singlestep methods group NFE)."""
+        return steps
+
+    def expected_nfe(self, steps: int) -> int:
+        """Network evaluations for ``steps`` intervals (checked by the tests)."""
+        return self.nfe_per_step * steps
+
+    def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
+        """Default table: the grid (``t64`` float64 on the device, ``t`` floats, ``dt``), and for a
+        LinearSDE ``alpha, sigma, lam`` (= half log-SNR, :math:`\\log(\\alpha/\\sigma)`), ``f, g2``
+        in the state dtype; ``h`` = :math:`\\lambda_{i+1}-\\lambda_i`."""
+        t64 = grid.t
+        tab = StepTable(steps=grid.steps, t=t64.tolist(), t64=t64.to(like.device))
+        cast = lambda v: v.to(dtype=like.dtype, device=like.device)  # noqa: E731
+        tab.dt = cast(t64[1:] - t64[:-1])
+        if isinstance(sde, LinearSDE):
+            c = sde.coefficients(t64)
+            lam = 0.5 * c["log_snr"]
+            tab.alpha64, tab.sigma64, tab.lam64 = c["alpha"], c["sigma"], lam
+            tab.alpha, tab.sigma, tab.lam = cast(c["alpha"]), cast(c["sigma"]), cast(lam)
+            tab.f, tab.g2 = cast(c["f"]), cast(c["g2"])
+            tab.h64 = lam[1:] - lam[:-1]
+            tab.h = cast(tab.h64)
+        return tab
+
+    def init(self, x: Tensor) -> Any:
+        return None
+
+    def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, table: StepTable,
+             noise: NoiseSource) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def stats(self, table: StepTable) -> dict:
+        return {"orders": list(getattr(table, "orders", [self.order] * table.steps))}
+
+
+# ------------------------------------------------------------------ boundary checks
+def _check_model(model: Any) -> ScoreModel:
+    if not isinstance(model, ScoreModel):
+        raise TypeError(f"model must be a scoresde.ScoreModel, got {type(model).__name__}")
+    return model
+
+
+def _check_x(x_T: Any) -> Tensor:
+    check_floating(x_T, "x_T")
+    if x_T.ndim < 1:
+        raise ValueError("x_T must have a batch dimension (shape [B, ...]), got a 0-d tensor")
+    if x_T.dtype == torch.float64 and x_T.device.type == "mps":
+        raise ValueError("x_T is float64 on mps, which does not support float64; use float32")
+    check_finite_tensor(x_T, "x_T")
+    return x_T
+
+
+def _check_net_device(model: ScoreModel, x: Tensor) -> None:
+    net = model.net
+    if isinstance(net, torch.nn.Module):
+        p = next(iter(net.parameters()), None)
+        if p is not None and p.device != x.device:
+            raise ValueError(f"net is on {p.device}, x_T on {x.device}; move one of them")
+
+
+def build_grid(solver: Solver, sde: SDE, steps: Any, timesteps: Any, schedule: Any, t_end: Any,
+               t_start: Any, rho: float) -> TimeGrid:
+    """Resolve ``steps``/``timesteps``/``schedule``/``t_end`` into a checked :class:`TimeGrid`."""
+    if timesteps is not None:
+        if schedule is not None:
+            raise ValueError("pass schedule or timesteps, not both")
+        t = check_timesteps(timesteps, sde)
+        n_int = t.numel() - 1
+        if steps is not None:
+            steps = check_int(steps, "steps", minimum=1)
+            if solver.grid_intervals(steps) != n_int:
+                raise ValueError(
+                    f"pass steps or timesteps, not both (steps={steps} but timesteps has {n_int} intervals)"
+                )
+        if t_end is not None and abs(float(t_end) - float(t[-1])) > 1e-12 * max(1.0, sde.T):
+            raise ValueError(f"t_end={t_end} disagrees with timesteps[-1]={float(t[-1])}")
+        if float(t[-1]) <= 0.0:
+            raise ValueError("timesteps[-1] must be > 0 (the model is undefined at t = 0); "
+                             "stop at a small t_end and use final_denoise=True")
+        return TimeGrid(t, "custom")
+    if steps is None and getattr(solver, "adaptive", False):
+        steps = 1
+    if steps is None:
+        raise ValueError("pass steps (number of intervals) or timesteps")
+    steps = check_int(steps, "steps", minimum=1)
+    if schedule is None:
+        schedule = solver.default_schedule
+    if t_end is not None:
+        t_end = check_float(t_end, "t_end")
+        if not 0.0 < t_end <= sde.T:
+            raise ValueError(
+                f"t_end must be in (0, T]=(0, {sde.T:.6g}] for {type(sde).__name__}, got {t_end} "
+                "(at t = 0 sigma = 0 and log-SNR is infinite; stop at a small t_end and use final_denoise=True)"
+            )
+    if t_start is not None:
+        t_start = check_float(t_start, "t_start", low=0.0, high=sde.T)
+    grid = make_grid(sde, solver.grid_intervals(steps), schedule, t_end, t_start, rho)
+    return dataclasses.replace(grid, budget=steps)
+
+
+def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int | None = None, *,
+           t_end: float | None = None, schedule: str | None = None, timesteps: Any = None,
+           t_start: float | None = None, rho: float = 7.0, generator: Any = None,
+           return_trajectory: bool = False, callback: Callable[[StepInfo], None] | None = None,
+           final_denoise: bool = False, nonfinite: str = "raise", **method_options: Any) -> Solution:
+    """Integrate the reverse process of ``model.sde`` from ``x_T`` at ``t_start`` (default T)
+    to ``t_end`` (default ``sde.default_t_end``) with ``method``.
+
+    **Arguments:**
+
+    - ``model``: a :class:`scoresde.ScoreModel`.
+    - ``x_T``: the starting state ``[B, ...]`` (float16/32/64; never modified).
+    - ``method``: a registered name (:func:`available_methods`) with ``**method_options``, or
+      a solver instance.
+    - ``steps``: number of grid intervals (for singlestep DPM-Solver: the NFE budget), or
+      ``timesteps``: an explicit strictly decreasing grid (list or 1-D tensor).
+    - ``schedule``: ``"uniform" | "log_snr" | "quadratic" | "karras"`` (``rho``), default per method.
+    - ``generator``: a ``torch.Generator``, a list of them (one per sample), a noise source
+      (:mod:`solvers.noise`), or None.
+    - ``final_denoise``: after the last step return the Tweedie estimate :math:`\\hat x_0` at
+      ``t_end`` (one more NFE, counted).
+    - ``nonfinite``: ``"raise"`` (:class:`NonFiniteError` naming step, t and samples) or
+      ``"return"`` (stop and return the partial solution with ``stats["status"]``).
+    - ``callback``: called after every step with a :class:`StepInfo`.
+
+    **Returns:** a :class:`Solution`.  Runs under ``torch.no_grad()``.
+
+    **Raises:** ``ValueError``/``TypeError`` for bad input, before any network call;
+    :class:`NonFiniteError`, :class:`SolverError`.
+    """
+    solver = _registry.get(method, **method_options)
+    model = _check_model(model)
+    x_T = _check_x(x_T)
+    if nonfinite not in ("raise", "return"):
+        raise ValueError(f"nonfinite must be 'raise' or 'return', got {nonfinite!r}")
+    sde = model.sde
+    if solver.requires_linear_sde and not isinstance(sde, LinearSDE):
+        raise TypeError(f"{solver.name} needs a LinearSDE; got {type(sde).__name__}")
+    grid = build_grid(solver, sde, steps, timesteps, schedule, t_end, t_start, rho)
+    noise = make_noise(generator, x_T.shape[0], x_T.device) if solver.stochastic else None
+    _check_net_device(model, x_T)
+    if hasattr(solver, "run"):
+        return solver.run(model, x_T, grid, noise=noise, return_trajectory=return_trajectory,
+                          callback=callback, final_denoise=final_denoise, nonfinite=nonfinite)
+    return integrate(solver, model, x_T, grid, noise=noise, return_trajectory=return_trajectory,
+                     callback=callback, final_denoise=final_denoise, nonfinite=nonfinite)
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def integrate(solver: Solver, model: ScoreModel, x_T: Tensor, grid: TimeGrid, *, noise: NoiseSource | None,
+              return_trajectory: bool = False, callback: Callable[[StepInfo], None] | None = None,
+              final_denoise: bool = False, nonfinite: str = "raise") -> Solution:
+    """The one step loop shared by every fixed-step solver (inputs already validated)."""
+    nfe0 = model.nfe
+    stats: dict = {"solver": solver.name, "schedule": grid.schedule, "status": "success"}
+    if x_T.shape[0] == 0 or grid.t_start == grid.t_end:
+        return Solution(x_T.clone(), 0, grid.t, x_T.clone()[None] if return_trajectory else None,
+                        {**stats, "orders": []})
+    x = x_T.to(_state_dtype(x_T), copy=True)
+    ev = CheckedModel(model, grid.steps, check_finite=True)
+    traj = [x] if return_trajectory else None
+    with torch.no_grad():
+        table = solver.prepare(model.sde, grid, x)
+        state = solver.init(x)
+        try:
+            for i in range(grid.steps):
+                ev.step_index = i
+                x, state = solver.step(ev, i, x, state, table, noise)
+                if traj is not None:
+                    traj.append(x)
+                if callback is not None:
+                    callback(StepInfo(i, table.t[i + 1], x, model.nfe - nfe0))
+            if final_denoise:
+                ev.step_index = grid.steps - 1
+                x = ev.evaluate(x, table.t64[-1]).x0
+            ev.check_deferred()
+        except NonFiniteError as err:
+            if nonfinite == "raise":
+                raise
+            stats.update(status="nonfinite", message=str(err), t_reached=err.t_reached)
+    stats.update(solver.stats(table))
+    out = x.to(x_T.dtype)
+    trajectory = torch.stack(traj).to(x_T.dtype) if traj is not None else None
+    return Solution(out, model.nfe - nfe0, grid.t, trajectory, stats)

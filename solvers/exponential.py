@@ -1,0 +1,241 @@
+r"""Exponential integrators in log-SNR time: phi functions and the two family bases.
+
+With :math:`\lambda = \log(\alpha/\sigma)` (half the log-SNR) the probability-flow ODE of
+any LinearSDE has the exact variation-of-constants form (Lu et al. 2022, DPM-Solver++ eq. 8)
+
+.. math:: x_t = \frac{\sigma_t}{\sigma_s}x_s + \sigma_t\int_{\lambda_s}^{\lambda_t} e^{\lambda}\,\hat x_0(\lambda)\,d\lambda
+              = \frac{\sigma_t}{\sigma_s}x_s + \alpha_t\int_0^h e^{-(h-u)}\,\hat x_0(\lambda_s+u)\,du,
+
+:math:`h = \lambda_t - \lambda_s`.  Solvers differ only in how they approximate
+:math:`\hat x_0` on the step: by earlier evaluations (:class:`ExponentialMultistep`) or by
+intermediate stages (:class:`ExponentialSinglestep`).  Integrals of the exponential weight
+against monomials,
+
+.. math:: J_m(h) = \int_0^h u^m e^{-(h-u)}\,du = m!\,h^{m+1}\varphi_{m+1}(-h),
+          \qquad \varphi_k(z) = \sum_{j\ge0} \frac{z^j}{(j+k)!},
+
+are evaluated in float64 (series for small h, closed forms otherwise) once per call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from scoresde.sde import SDE, LinearSDE
+
+from .base import CheckedModel, Solver, StepTable
+from .timesteps import TimeGrid
+
+__all__ = ["phi", "exp_moments", "History", "ExponentialMultistep", "ExponentialSinglestep",
+           "lagrange_weights"]
+
+
+def phi(k: int, z: float) -> float:
+    r""":math:`\varphi_k(z) = \sum_{j\ge 0} z^j/(j+k)!` in float64 (:math:`\varphi_1(z) = (e^z-1)/z`)."""
+    if abs(z) < 0.5:
+        term, total, j = 1.0 / math.factorial(k), 0.0, 0
+        while True:
+            total += term
+            j += 1
+            term *= z / (j + k)
+            if abs(term) < 1e-18 * max(abs(total), 1e-300) or j > 60:
+                return total + term
+    # phi_k(z) = (phi_{k-1}(z) - 1/(k-1)!)/z with phi_0 = e^z
+    val = math.exp(z)
+    for m in range(1, k + 1):
+        val = (val - 1.0 / math.factorial(m - 1)) / z
+    return val
+
+
+def exp_moments(h: float, n: int, rate: float = 1.0) -> list[float]:
+    r""":math:`[J_0, \dots, J_{n-1}]`, :math:`J_m = \int_0^h u^m e^{-c(h-u)}du = c^{-(m+1)}J_m^{(1)}(ch)`
+    for the decay rate :math:`c` = ``rate`` (1 for the ODE, 1 + eta for the SDE variants)."""
+    ch = rate * h
+    return [math.factorial(m) * h ** (m + 1) * phi(m + 1, -ch) for m in range(n)]
+
+
+def lagrange_weights(nodes: list[float], h: float, rate: float = 1.0) -> list[float]:
+    r"""Weights :math:`c_j = \int_0^h e^{-(h-u)} L_j(u)\,du` of the Lagrange basis through
+    ``nodes`` (offsets :math:`u_j` in :math:`\lambda` from the current point), so that
+    :math:`\int_0^h e^{-(h-u)}p(u)du = \sum_j c_j p(u_j)` for every polynomial of degree < len(nodes)."""
+    k = len(nodes)
+    V = torch.tensor([[u ** m for u in nodes] for m in range(k)], dtype=torch.float64)  # V[m, j]
+    J = torch.tensor(exp_moments(h, k, rate), dtype=torch.float64)
+    return torch.linalg.solve(V, J).tolist()
+
+
+@dataclass(frozen=True)
+class History:
+    """Immutable multistep history (STYLE.md E2): the last data predictions, newest last."""
+
+    x0: tuple = ()
+
+    def push(self, x0: Tensor, keep: int) -> "History":
+        return History(x0=(*self.x0[-(keep - 1):], x0) if keep > 1 else (x0,))
+
+
+def _need_finite_lam(tab: StepTable, name: str) -> None:
+    lam = tab.lam64
+    if not bool(torch.isfinite(lam).all()):
+        raise ValueError(f"{name} needs a finite log-SNR on the whole grid (t_end > 0 and alpha(T) > 0)")
+
+
+@dataclass
+class ExponentialMultistep(Solver):
+    r"""Base of the data-prediction multistep methods (DPM-Solver++ family, UniPC).
+
+    Each step makes **one** network evaluation, pushes :math:`\hat x_0` onto the
+    :class:`History` and applies
+
+    .. math:: x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}\sum_{j<k_i} c_{i,j}\,\hat x_0^{(i-j)},
+
+    with weights from :meth:`weights` precomputed in ``prepare``.  The order used at step i is
+    :math:`k_i = \min(\text{order}, i+1)` (warm-up), and with ``lower_order_final`` also
+    :math:`\le` steps - i (DPM-Solver's stabiliser for few steps; off by default so the
+    method keeps its order).  Subclasses define ``order`` and ``weights``; UniPC adds a
+    corrector through :meth:`correct`.
+    """
+
+    order: ClassVar[int] = 2
+    default_schedule: ClassVar[str] = "log_snr"
+    lower_order_final: bool = False
+
+    def orders_for(self, steps: int) -> list[int]:
+        orders = [min(self.order, i + 1) for i in range(steps)]
+        if self.lower_order_final:
+            orders = [min(k, steps - i) for i, k in enumerate(orders)]
+        return orders
+
+    def weights(self, k: int, nodes: list[float], h: float) -> list[float]:
+        """Weights of the last k data predictions (newest first) at offsets ``nodes``
+        (exact integration of their Lagrange interpolant against the exponential weight)."""
+        return lagrange_weights(nodes, h, self.rate())
+
+    def rate(self) -> float:
+        """Decay rate c of the exponential weight: 1 for the ODE; 1 + eta for SDE variants."""
+        return 1.0
+
+    def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
+        tab = super().prepare(sde, grid, like)
+        _need_finite_lam(tab, self.name)
+        lam = tab.lam64.tolist()
+        tab.orders = self.orders_for(grid.steps)
+        c = self.rate()
+        ratio = (tab.sigma64[1:] / tab.sigma64[:-1]) * torch.exp(-(c - 1.0) * tab.h64)
+        tab.sigma_ratio = ratio.to(dtype=like.dtype, device=like.device)
+        coefs = []
+        for i, k in enumerate(tab.orders):
+            h = lam[i + 1] - lam[i]
+            nodes = [lam[i - j] - lam[i] for j in range(min(k, i + 1))]
+            w = torch.tensor(self.weights(k, nodes, h), dtype=torch.float64) * tab.alpha64[i + 1]
+            coefs.append(w.to(dtype=like.dtype, device=like.device))
+        tab.coef = coefs
+        return tab
+
+    def init(self, x: Tensor) -> History:
+        return History()
+
+    def keep(self) -> int:
+        return self.order
+
+    def step(self, model: CheckedModel, i: int, x: Tensor, hist: History, tab: StepTable, noise) -> tuple:
+        x0 = model.evaluate(x, tab.t64[i]).x0
+        x, hist = self.correct(model, i, x, hist, x0, tab)
+        hist = hist.push(x0, self.keep())
+        return self.update(x, hist, tab, i, tab.orders[i]), hist
+
+    def correct(self, model: CheckedModel, i: int, x: Tensor, hist: History, x0_new: Tensor,
+                tab: StepTable) -> tuple[Tensor, History]:
+        """Hook called after the step's evaluation at x_i (UniPC's corrector); no-op here."""
+        return x, hist
+
+    def update(self, x: Tensor, hist: History, tab: StepTable, i: int, k: int) -> Tensor:
+        c = tab.coef[i]
+        out = tab.sigma_ratio[i] * x
+        for j in range(k):
+            out = out + c[j] * hist.x0[-1 - j]
+        return out
+
+
+@dataclass
+class ExponentialSinglestep(Solver):
+    r"""Base of the singlestep methods (DPM-Solver-1/2/3, DPM-Solver++(2S)).
+
+    ``steps`` is the NFE budget: it is split into outer steps of orders
+    :math:`k \le` ``order`` by DPM-Solver's allocation (Lu et al. 2022, sec. 3.4,
+    ``allocation="fast"``: e.g. order 3 and steps = 3K gives [3]*(K-1) + [2, 1]) so that
+    nfe == steps exactly, or ``allocation="fixed"`` (steps must be a multiple of the order;
+    [order] * (steps/order), the choice for order fits).  An order-k outer step of length
+    h in :math:`\lambda` evaluates the model at fractions ``stage_fractions(k)`` of h
+    (e.g. (1/3, 2/3) for order 3) and combines them in :meth:`combine`.
+    """
+
+    order: ClassVar[int] = 2
+    default_schedule: ClassVar[str] = "log_snr"
+    allocation: str = "fast"
+
+    def validate_options(self) -> None:
+        if self.allocation not in ("fast", "fixed"):
+            raise ValueError(f"allocation must be 'fast' or 'fixed', got {self.allocation!r}")
+
+    def stage_fractions(self, k: int) -> tuple[float, ...]:
+        return {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[k]
+
+    def orders_for(self, steps: int) -> list[int]:
+        p = self.order
+        if self.allocation == "fixed":
+            if steps % p:
+                raise ValueError(f"allocation='fixed' needs steps divisible by the order {p}, got steps={steps}")
+            return [p] * (steps // p)
+        if p == 1:
+            return [1] * steps
+        if p == 2:
+            return [2] * (steps // 2) + ([1] if steps % 2 else [])
+        n_outer = steps // 3 + 1
+        if steps % 3 == 0:
+            return [3] * (n_outer - 2) + [2, 1]
+        return [3] * (n_outer - 1) + ([1] if steps % 3 == 1 else [2])
+
+    def grid_intervals(self, steps: int) -> int:
+        return len(self.orders_for(steps))
+
+    def expected_nfe(self, steps: int) -> int:
+        return sum(self.orders_for(steps))
+
+    def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
+        tab = super().prepare(sde, grid, like)
+        _need_finite_lam(tab, self.name)
+        if not isinstance(sde, LinearSDE):  # pragma: no cover - guarded by requires_linear_sde
+            raise TypeError(f"{self.name} needs a LinearSDE")
+        # ``grid.budget`` is the NFE budget the user passed as steps; an explicit grid of n
+        # intervals (no budget) takes n full-order steps
+        tab.orders = self.orders_for(grid.budget) if grid.budget is not None else [self.order] * grid.steps
+        lam = tab.lam64
+        stages = []
+        for i, k in enumerate(tab.orders):
+            h = float(lam[i + 1] - lam[i])
+            fr = self.stage_fractions(k)
+            lam_st = torch.tensor([float(lam[i]) + r * h for r in fr], dtype=torch.float64)
+            t_st = sde._t_of_log_snr(2.0 * lam_st) if fr else torch.zeros(0, dtype=torch.float64)
+            c = sde.coefficients(t_st) if fr else None
+            stages.append(dict(
+                r=fr, h=h,
+                a_s=float(tab.alpha64[i]), s_s=float(tab.sigma64[i]),
+                a_t=float(tab.alpha64[i + 1]), s_t=float(tab.sigma64[i + 1]),
+                t64=[v.to(like.device) for v in t_st],
+                alpha=[float(v) for v in c["alpha"]] if fr else [],
+                sigma=[float(v) for v in c["sigma"]] if fr else [],
+            ))
+        tab.stages = stages
+        return tab
+
+    def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
+        k = tab.orders[i]
+        return self.combine(model, i, x, tab, k), state
+
+    def combine(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, k: int) -> Tensor:
+        raise NotImplementedError

@@ -1,0 +1,64 @@
+"""Shared test configuration.
+
+Hypothesis profiles (RELIABILITY.md section 4): ``ci`` is derandomized so that CI cannot
+flake, ``dev`` draws fresh random examples; choose with ``HYPOTHESIS_PROFILE=dev``.
+
+The torch default dtype is left alone: tests pass ``dtype=torch.float64`` explicitly.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+import scoresde
+
+settings.register_profile("ci", deadline=None, derandomize=True, max_examples=30)
+settings.register_profile("dev", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+#: Every built-in SDE with its default parameters, by short name.
+SDE_NAMES = ("vp", "subvp", "ve", "cosine", "edm", "rf", "discrete")
+
+
+def make_sde(name: str) -> scoresde.LinearSDE:
+    """A fresh built-in SDE with the parameters the tests use by default."""
+    if name == "vp":
+        return scoresde.VPSDE(beta_min=0.1, beta_max=20.0)
+    if name == "subvp":
+        return scoresde.SubVPSDE(beta_min=0.1, beta_max=20.0)
+    if name == "ve":
+        return scoresde.VESDE(sigma_min=0.01, sigma_max=50.0)
+    if name == "cosine":
+        return scoresde.CosineVPSDE()
+    if name == "edm":
+        return scoresde.EDMSDE(sigma_min=0.002, sigma_max=80.0)
+    if name == "rf":
+        return scoresde.RectifiedFlowSDE()
+    if name == "discrete":
+        return scoresde.DiscreteVPSDE(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    raise KeyError(name)
+
+
+@pytest.fixture(scope="session", params=SDE_NAMES)
+def any_sde(request) -> scoresde.LinearSDE:
+    """Each built-in SDE in turn (session scope: SDE objects are immutable)."""
+    return make_sde(request.param)
+
+
+def interior_times(sde: scoresde.LinearSDE, n: int, dtype=torch.float64) -> torch.Tensor:
+    """``n`` times spread over ``[t_end, T]`` (uniform in log t near 0, uniform in t above),
+    avoiding the knots of a DiscreteVPSDE (piecewise-linear log alpha)."""
+    te, T = sde.default_t_end, sde.T
+    a = torch.logspace(torch.log10(torch.tensor(te)), torch.log10(torch.tensor(0.1 * T)), n // 2,
+                       dtype=torch.float64)
+    b = torch.linspace(0.1 * T, T, n - n // 2, dtype=torch.float64)
+    t = torch.cat([a, b]).clamp(te, T)
+    if isinstance(sde, scoresde.DiscreteVPSDE):
+        N = sde.num_steps
+        k = torch.floor(t * N).clamp(0, N - 1)
+        t = (k + 0.37) / N                      # strictly inside segment k
+    return t.to(dtype)
