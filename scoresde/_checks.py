@@ -113,13 +113,16 @@ def check_positive_float(value: Any, name: str) -> float:
 
 def as_float64_time(t: Any, name: str = "t") -> Tensor:
     """A time argument (float, int, 0-d or 1-d tensor, list) as a float64 tensor,
-    keeping its shape; TypeError for other types, ValueError if non-finite."""
+    keeping its shape; TypeError for other types, ValueError if non-finite.
+
+    A tensor time is not detached: schedules and exact flows evaluated at a time that
+    requires grad are differentiable in that time (d alpha/dt, d flow/dt by autograd)."""
     if isinstance(t, bool):
         raise TypeError(f"{name} must be a float or a tensor, got a bool")
     if isinstance(t, Tensor):
         if t.is_complex():
             raise TypeError(f"{name} must be real, got {t.dtype}")
-        t64 = t.detach().to(torch.float64)
+        t64 = t.to(torch.float64)
     elif isinstance(t, numbers.Real):
         t64 = torch.tensor(float(t), dtype=torch.float64)
     elif isinstance(t, (list, tuple)):

@@ -160,12 +160,16 @@ class _GaussianFamily:
         logp, _ = self._chunked(x64, one, torch.zeros_like(one), False)
         return logp.to(x.dtype)
 
-    def score(self, x: Tensor, t: Any, sde: LinearSDE) -> Tensor:
-        r"""Exact :math:`\nabla_x\log p_t(x)` under ``sde``; ``t`` a float, 0-d or ``[B]``."""
+    def _score64(self, x: Tensor, t: Any, sde: LinearSDE) -> tuple[Tensor, Tensor, Tensor]:
+        """(score, alpha, sigma^2) in float64, alpha and sigma^2 shaped ``[B, 1]``."""
         self._check_x(x)
         a, s2 = self._schedule(sde, t, x.shape[0], x.device)
         _, score = self._chunked(x.detach().to(torch.float64), a, s2, True)
-        return score.to(x.dtype)
+        return score, a[:, None], s2[:, None]
+
+    def score(self, x: Tensor, t: Any, sde: LinearSDE) -> Tensor:
+        r"""Exact :math:`\nabla_x\log p_t(x)` under ``sde``; ``t`` a float, 0-d or ``[B]``."""
+        return self._score64(x, t, sde)[0].to(x.dtype)
 
     def marginal_log_prob(self, x: Tensor, t: Any, sde: LinearSDE) -> Tensor:
         r""":math:`\log p_t(x)` (per-sample t allowed), shape ``[B]``."""
@@ -176,16 +180,16 @@ class _GaussianFamily:
 
     def eps(self, x: Tensor, t: Any, sde: LinearSDE) -> Tensor:
         r"""Exact :math:`E[\epsilon \mid x_t = x] = -\sigma_t\nabla\log p_t(x)`."""
-        sig = append_dims(_check_sde(sde).sigma(torch.as_tensor(t, dtype=torch.float64)).to(x.device), 2)
-        return (-sig * self.score(x, t, sde).to(torch.float64)).to(x.dtype)
+        score, _, s2 = self._score64(x, t, sde)
+        return (-torch.sqrt(s2) * score).to(x.dtype)
 
     def x0(self, x: Tensor, t: Any, sde: LinearSDE) -> Tensor:
-        r"""Exact :math:`E[x_0 \mid x_t = x] = (x + \sigma_t^2\nabla\log p_t(x))/\alpha_t` (Tweedie)."""
-        t64 = torch.as_tensor(t, dtype=torch.float64)
-        sig = append_dims(_check_sde(sde).sigma(t64).to(x.device), 2)
-        alp = append_dims(sde.alpha(t64).to(x.device), 2)
-        sc = self.score(x, t, sde).to(torch.float64)
-        return ((x.to(torch.float64) + sig * sig * sc) / alp).to(x.dtype)
+        r"""Exact :math:`E[x_0 \mid x_t = x] = (x + \sigma_t^2\nabla\log p_t(x))/\alpha_t` (Tweedie).
+
+        Computed in float64 throughout (the sum cancels when :math:`\sigma_t` is large),
+        then cast to ``x.dtype``."""
+        score, a, s2 = self._score64(x, t, sde)
+        return ((x.detach().to(torch.float64) + s2 * score) / a).to(x.dtype)
 
     def marginal(self, sde: LinearSDE, t: Any):
         r"""The distribution of :math:`x_t` (same type): means :math:`\alpha_t\mu_k`,
@@ -216,31 +220,52 @@ class _GaussianFamily:
 
     def as_model(self, sde: LinearSDE, prediction: Prediction | str = "eps", **model_kwargs) -> ScoreModel:
         """A :class:`ScoreModel` whose network returns the exact ``prediction`` for this
-        distribution under ``sde`` (each call counted as one NFE).  For ``"edm"`` the exact
-        network inverts EDM's ``c_in``/``c_noise`` inputs to recover x and t."""
-        return ScoreModel(_ExactNet(self, _check_sde(sde), Prediction.parse(prediction),
-                                    float(model_kwargs.get("sigma_data", 0.5))),
-                          sde, prediction, **model_kwargs)
+        distribution under ``sde`` (each call counted as one NFE).  ``model_kwargs`` go to
+        :class:`ScoreModel` (``sigma_data``, ``time_input``, ...); the exact network inverts
+        the time input and, for ``"edm"``, the ``c_in`` scaling to recover x and t."""
+        net = _ExactNet(self, _check_sde(sde), Prediction.parse(prediction), 0.5)
+        model = ScoreModel(net, sde, prediction, **model_kwargs)
+        if callable(model.time_input):
+            raise ValueError("time_input of an exact model must be one of 't', 'discrete', 'c_noise', "
+                             "'log_snr', 'sigma' (the exact net has to recover t from it); got a function")
+        net.time_input, net.sigma_data = model.time_input, model.sigma_data
+        return model
 
 
 class _ExactNet:
-    """net(x_in, t_in) returning the exact prediction of a Gaussian family (time input ``"t"``,
-    or EDM's ``c_noise`` with scaled input)."""
+    r"""net(x_in, t_in) returning the exact prediction of a Gaussian family.
+
+    It inverts what :class:`ScoreModel` feeds a network: the time input (``"t"``,
+    ``"discrete"``, ``"c_noise"``, ``"log_snr"`` or ``"sigma"``; set by :meth:`as_model`
+    from the model it builds) and, for ``"edm"``, the scaled input :math:`c_{in}\hat x`."""
 
     def __init__(self, target: _GaussianFamily, sde: LinearSDE, prediction: Prediction, sigma_data: float):
         self.target, self.sde, self.prediction, self.sigma_data = target, sde, prediction, sigma_data
+        self.time_input = "t"
+
+    def _decode_time(self, t_in: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(t, log-SNR or None) from the network's time input, float64."""
+        sde, ti, v = self.sde, self.time_input, t_in.to(torch.float64)
+        if ti == "t":
+            return v.clamp(0.0, sde.T), None
+        if ti == "discrete":
+            return ((v + 1.0) / sde.num_steps).clamp(0.0, sde.T), None
+        if ti == "log_snr":
+            lam = v
+        elif ti == "sigma":
+            lam = -2.0 * torch.log(v)
+        else:                                                             # c_noise = -lam/8
+            lam = -8.0 * v
+        return sde._t_of_log_snr(lam).clamp(0.0, sde.T), lam
 
     def __call__(self, x_in: Tensor, t_in: Tensor) -> Tensor:
         sde = self.sde
+        t64, lam = self._decode_time(t_in)
+        x = x_in.to(torch.float64)
         if self.prediction is Prediction.EDM:
-            lam = -8.0 * t_in.to(torch.float64)                           # c_noise = -lam/8
-            t64 = sde._t_of_log_snr(lam).clamp(0.0, sde.T)
-            a = append_dims(torch.exp(sde._log_alpha(t64)), 2)
-            sh = torch.exp(-0.5 * lam)[:, None]
-            x = (x_in.to(torch.float64) * torch.sqrt(sh * sh + self.sigma_data ** 2)) * a
-        else:
-            t64 = t_in.to(torch.float64)
-            x = x_in.to(torch.float64)
+            a = torch.exp(sde._log_alpha(t64))
+            sh = torch.exp(-0.5 * lam) if lam is not None else torch.exp(sde._log_sigma(t64)) / a
+            x = x * append_dims(torch.sqrt(sh * sh + self.sigma_data ** 2) * a, x.ndim)
         a64, s2 = torch.exp(sde._log_alpha(t64)), torch.exp(2.0 * sde._log_sigma(t64))
         _, score = self.target._chunked(x, a64, s2, True)
         c = _coefficients(sde, t64, x, self.prediction is Prediction.FLOW)

@@ -27,7 +27,6 @@ guidance evaluates the conditional and unconditional branches in one doubled bat
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -36,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import append_dims, check_finite_tensor, check_floating, check_positive_float, time_vector
+from ._checks import append_dims, check_finite_tensor, check_float, check_floating, check_positive_float, time_vector
 from .sde import SDE, DiscreteVPSDE, LinearSDE
 
 __all__ = ["Prediction", "ScoreModel", "Denoised", "from_prediction", "to_prediction"]
@@ -221,9 +220,7 @@ class ScoreModel:
         :math:`\text{out} = \text{out}_u + w(\text{out}_c - \text{out}_u)` in the network's
         prediction space, both branches evaluated in one doubled batch (one NFE).  The copy
         shares this model's NFE counter."""
-        w = float(scale)
-        if not math.isfinite(w):
-            raise ValueError(f"scale must be finite, got {scale}")
+        w = check_float(scale, "scale")
         if cond is None or uncond is None:
             raise ValueError("guided() needs both cond and uncond")
         other = ScoreModel.__new__(ScoreModel)

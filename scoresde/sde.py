@@ -104,7 +104,7 @@ class SDE:
         t64 = time_vector(t, batch, name) if batch is not None else as_float64_time(t, name)
         if t64.numel():
             slack = 8.0 * torch.finfo(_out_dtype(t)).eps * max(1.0, self.T)
-            lo, hi = float(t64.min()), float(t64.max())
+            lo, hi = float(t64.detach().min()), float(t64.detach().max())
             if lo < -slack or hi > self.T + slack:
                 bad = lo if lo < -slack else hi
                 raise ValueError(
@@ -130,15 +130,21 @@ class SDE:
         sq = z.reshape(z.shape[0], -1).square().sum(dim=1)
         return -0.5 * sq / s2 - 0.5 * d * (_LOG_2PI + math.log(s2))
 
+    def _g2_like(self, t: Tensor, x: Tensor) -> Tensor:
+        """g(t)^2 broadcastable against ``x``, in x's dtype and device (a float64 time must
+        not promote a float32 state)."""
+        g = append_dims(torch.as_tensor(self.diffusion(t)), x.ndim).to(dtype=x.dtype, device=x.device)
+        return g * g
+
     def pf_drift(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
-        r"""Probability-flow ODE drift :math:`f(x,t) - \tfrac12 g(t)^2\,\nabla\log p_t(x)`."""
-        g = append_dims(self.diffusion(t), x.ndim)
-        return self.drift(x, t) - 0.5 * g * g * score
+        r"""Probability-flow ODE drift :math:`f(x,t) - \tfrac12 g(t)^2\,\nabla\log p_t(x)`,
+        in ``x``'s dtype."""
+        return self.drift(x, t).to(x.dtype) - 0.5 * self._g2_like(t, x) * score
 
     def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
-        r"""Reverse-time SDE drift :math:`f(x,t) - g(t)^2\,\nabla\log p_t(x)` (Anderson 1982)."""
-        g = append_dims(self.diffusion(t), x.ndim)
-        return self.drift(x, t) - g * g * score
+        r"""Reverse-time SDE drift :math:`f(x,t) - g(t)^2\,\nabla\log p_t(x)` (Anderson 1982),
+        in ``x``'s dtype."""
+        return self.drift(x, t).to(x.dtype) - self._g2_like(t, x) * score
 
     def config(self) -> dict:
         """A JSON-serialisable description (class name and constructor arguments)."""
@@ -361,7 +367,11 @@ class SubVPSDE(VPSDE):
     r"""Sub-VP SDE (Song et al. 2021): the VP :math:`\alpha(t)` with
     :math:`\sigma(t) = 1 - \alpha(t)^2` (a *standard deviation*, not a variance),
     :math:`g^2 = \beta(t)(1 - \alpha(t)^4)`.  ``T = 1``, prior :math:`\mathcal N(0,I)`,
-    default ``t_end = 1e-3``."""
+    default ``t_end = 1e-3``.
+
+    It subclasses :class:`VPSDE` to share :math:`\alpha(t)` and the parameters only: it is
+    *not* variance preserving (:math:`\alpha^2+\sigma^2 \ne 1`), so code must not read
+    VP identities off ``isinstance(sde, VPSDE)``; every schedule hook is overridden here."""
 
     def _log_sigma(self, t: Tensor) -> Tensor:
         return _log1mexp(2.0 * self._log_alpha(t))
@@ -374,14 +384,20 @@ class SubVPSDE(VPSDE):
         beta = -2.0 * self._f(t)
         return -beta * torch.expm1(4.0 * self._log_alpha(t))
 
+    def _log_alpha_of_log_snr(self, lam: Tensor) -> Tensor:  # type: ignore[override]
+        # (overrides the VP formula alpha^2 = sigmoid(lam), which is wrong here)
+        # u = alpha^2 solves e^lam (1-u)^2 = u; the root in (0, 1) is
+        # u = 2 / (2 + m + sqrt(m^2 + 4m)), m = e^{-lam}.  Without cancellation:
+        #   lam > 0 (u -> 1):  log u = -log1p((m + sqrt(m^2 + 4m)) / 2)
+        #   lam <= 0 (u -> 0): log u = log 2 + lam - log(1 + 2e + sqrt(1 + 4e)), e = e^{lam}
+        m = torch.exp(-lam.clamp(min=0.0))
+        log_u_pos = -torch.log1p(0.5 * (m + torch.sqrt(m * m + 4.0 * m)))
+        e = torch.exp(lam.clamp(max=0.0))
+        log_u_neg = math.log(2.0) + lam - torch.log(1.0 + 2.0 * e + torch.sqrt(1.0 + 4.0 * e))
+        return 0.5 * torch.where(lam > 0, log_u_pos, log_u_neg)
+
     def _t_of_log_snr(self, lam: Tensor) -> Tensor:
-        # u = alpha^2 solves e^lam (1-u)^2 = u; the root in (0,1) has
-        # 1 - u = (1 + sqrt(1 + 4 e^lam)) / (1 + 2 e^lam + sqrt(1 + 4 e^lam)).
-        # Written with e^{-lam} so that large lam (t -> 0) does not overflow.
-        em = torch.exp(-lam.clamp(max=700.0))
-        q = torch.sqrt(em * em + 4.0 * em)          # = e^{-lam} sqrt(1 + 4 e^lam)
-        one_minus_u = (em + q) / (em + 2.0 + q)
-        la = 0.5 * torch.log1p(-one_minus_u)
+        la = self._log_alpha_of_log_snr(lam)
         return self._t_of_log_alpha(la)
 
     def config(self) -> dict:
@@ -441,16 +457,14 @@ class DiscreteVPSDE(_VPFamily):
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError("pass exactly one of betas or alphas_cumprod")
         if betas is not None:
-            b = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
-            self._check_1d(b, "betas")
+            b = self._as_1d(betas, "betas")
             bad = torch.nonzero(~((b > 0) & (b < 1))).flatten()
             if bad.numel():
                 i = int(bad[0])
                 raise ValueError(f"betas must lie in (0, 1); betas[{i}]={float(b[i])}")
             log_ac = torch.cumsum(torch.log1p(-b), dim=0)
         else:
-            ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
-            self._check_1d(ac, "alphas_cumprod")
+            ac = self._as_1d(alphas_cumprod, "alphas_cumprod")
             bad = torch.nonzero(~((ac > 0) & (ac <= 1))).flatten()
             if bad.numel():
                 i = int(bad[0])
@@ -475,6 +489,17 @@ class DiscreteVPSDE(_VPFamily):
         self._la_knots = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * log_ac])
         self._slopes = (self._la_knots[1:] - self._la_knots[:-1]) * n
         self.alphas_cumprod = torch.exp(log_ac)
+
+    @classmethod
+    def _as_1d(cls, v: Any, name: str) -> Tensor:
+        if isinstance(v, Tensor) and v.is_complex():
+            raise TypeError(f"{name} must be real, got {v.dtype}")
+        try:
+            out = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a 1-d tensor or sequence of numbers, got {type(v).__name__}") from err
+        cls._check_1d(out, name)
+        return out
 
     @staticmethod
     def _check_1d(v: Tensor, name: str) -> None:
@@ -506,6 +531,12 @@ class DiscreteVPSDE(_VPFamily):
 
     def config(self) -> dict:
         return {"class": "DiscreteVPSDE", "alphas_cumprod": self.alphas_cumprod.tolist()}
+
+    def __repr__(self) -> str:
+        # config() holds all N values (for serialisation); the repr stays one short line
+        ac = self.alphas_cumprod
+        return (f"DiscreteVPSDE(num_steps={self.num_steps}, alphas_cumprod=[{float(ac[0]):.6g}, ..., "
+                f"{float(ac[-1]):.6g}])")
 
 
 # --------------------------------------------------------------------------- VE family

@@ -9,9 +9,16 @@ from .noise import BrownianNoise, GeneratorNoise, ZeroNoise
 from .timesteps import SCHEDULES, TimeGrid, make_grid
 from . import dpm  # noqa: F401  (registers the methods)
 from . import ode  # noqa: F401
+from . import sde_samplers, correctors  # noqa: F401
+from .sde_samplers import AdaptiveSDE, Ancestral, EulerMaruyama, ReverseDiffusion
+from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
+from . import unipc  # noqa: F401
+from .unipc import UniPC
 
 __all__ = [
     "sample", "available_methods", "get", "register", "Solution", "Solver", "SolverError",
     "NonFiniteError", "StepInfo", "StepTable", "BrownianNoise", "GeneratorNoise", "ZeroNoise",
-    "SCHEDULES", "TimeGrid", "make_grid",
+    "SCHEDULES", "TimeGrid", "make_grid", "UniPC",
+    "EulerMaruyama", "ReverseDiffusion", "Ancestral", "AdaptiveSDE",
+    "LangevinCorrector", "AnnealedLangevin", "PredictorCorrector",
 ]

@@ -52,8 +52,9 @@ def get(method: Any, **options: Any):
     elif isinstance(method, str):
         if method not in _REGISTRY:
             close = difflib.get_close_matches(method.lower(), list(_REGISTRY), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"unknown method {method!r}{hint} Valid methods: {', '.join(available_methods())}")
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "."
+            raise ValueError(f"unknown method {method!r}{hint} Valid methods (lower-case): "
+                             f"{', '.join(available_methods())}")
         cls = _REGISTRY[method]
     else:
         raise TypeError(f"method must be a method name or a Solver, got {type(method).__name__}")

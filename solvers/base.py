@@ -90,17 +90,22 @@ class CheckedModel:
     checked after the loop, so the loop never synchronises) and a step/time note added
     to any exception the network raises."""
 
-    def __init__(self, model: ScoreModel, steps: int, check_finite: bool):
+    def __init__(self, model: ScoreModel, steps: int | None, check_finite: bool):
+        # ``steps=None``: an adaptive solve, whose positions are counted in evaluations
         self.model, self.sde, self.steps, self.check_finite = model, model.sde, steps, check_finite
         self.step_index = 0
         self._deferred: list[tuple[int, Tensor, Tensor]] = []
+
+    def where(self, step: int | None = None) -> str:
+        step = self.step_index if step is None else step
+        return f"evaluation {step + 1}" if self.steps is None else f"step {step + 1}/{self.steps}"
 
     def evaluate(self, x: Tensor, t64: Tensor) -> Denoised:
         try:
             d = self.model.evaluate(x, t64, validate=False)
         except Exception as err:  # re-raised unchanged, with where it happened
             if hasattr(err, "add_note"):
-                err.add_note(f"scoresde: raised by the model at step {self.step_index + 1}/{self.steps}, "
+                err.add_note(f"scoresde: raised by the model at {self.where()}, "
                              f"t={float(t64.reshape(-1)[0]):.6g}")
             raise
         if self.check_finite:
@@ -118,7 +123,7 @@ class CheckedModel:
         idx = torch.nonzero(per).flatten().tolist()
         n = int(bad.sum())
         raise NonFiniteError(
-            f"net returned {n} non-finite values at step {step + 1}/{self.steps}, "
+            f"net returned {n} non-finite values at {self.where(step)}, "
             f"t={float(t64.reshape(-1)[0]):.6g}, samples {idx[:10]}{' ...' if len(idx) > 10 else ''}",
             t_reached=float(t64.reshape(-1)[0]), status="nonfinite",
         )
@@ -230,6 +235,8 @@ def build_grid(solver: Solver, sde: SDE, steps: Any, timesteps: Any, schedule: A
     if timesteps is not None:
         if schedule is not None:
             raise ValueError("pass schedule or timesteps, not both")
+        if t_start is not None:
+            raise ValueError("pass t_start or timesteps, not both (timesteps[0] is the start time)")
         t = check_timesteps(timesteps, sde)
         n_int = t.numel() - 1
         if steps is not None:
@@ -243,7 +250,8 @@ def build_grid(solver: Solver, sde: SDE, steps: Any, timesteps: Any, schedule: A
         if float(t[-1]) <= 0.0:
             raise ValueError("timesteps[-1] must be > 0 (the model is undefined at t = 0); "
                              "stop at a small t_end and use final_denoise=True")
-        return TimeGrid(t, "custom")
+        # a consistent ``steps`` is the NFE budget of a singlestep method (its order allocation)
+        return TimeGrid(t, "custom", budget=steps)
     if steps is None and getattr(solver, "adaptive", False):
         steps = 1
     if steps is None:
@@ -260,6 +268,13 @@ def build_grid(solver: Solver, sde: SDE, steps: Any, timesteps: Any, schedule: A
             )
     if t_start is not None:
         t_start = check_float(t_start, "t_start", low=0.0, high=sde.T)
+    t0 = sde.T if t_start is None else t_start
+    t1 = sde.default_t_end if t_end is None else t_end
+    if t1 == t0:
+        # a zero-length interval (e.g. t_end=T): nothing to integrate (RELIABILITY row 5); the
+        # schedule and options are still validated so that the same call with t_end < T works
+        make_grid(sde, solver.grid_intervals(steps), schedule, 0.5 * t0, t0, rho)
+        return TimeGrid(torch.tensor([t0], dtype=torch.float64), schedule, budget=steps)
     grid = make_grid(sde, solver.grid_intervals(steps), schedule, t_end, t_start, rho)
     return dataclasses.replace(grid, budget=steps)
 
@@ -303,13 +318,22 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
     if solver.requires_linear_sde and not isinstance(sde, LinearSDE):
         raise TypeError(f"{solver.name} needs a LinearSDE; got {type(sde).__name__}")
     grid = build_grid(solver, sde, steps, timesteps, schedule, t_end, t_start, rho)
-    noise = make_noise(generator, x_T.shape[0], x_T.device) if solver.stochastic else None
+    # validated for every method (a wrong generator list is an error even where no noise is drawn)
+    noise = make_noise(generator, x_T.shape[0], x_T.device)
+    noise = noise if solver.stochastic else None
     _check_net_device(model, x_T)
     if hasattr(solver, "run"):
         return solver.run(model, x_T, grid, noise=noise, return_trajectory=return_trajectory,
                           callback=callback, final_denoise=final_denoise, nonfinite=nonfinite)
     return integrate(solver, model, x_T, grid, noise=noise, return_trajectory=return_trajectory,
                      callback=callback, final_denoise=final_denoise, nonfinite=nonfinite)
+
+
+def _trivial_solution(x_T: Tensor, grid: TimeGrid, return_trajectory: bool, stats: dict) -> Solution:
+    """An empty batch or a zero-length interval: ``x_T`` itself (a copy), no network call.
+    The trajectory keeps its documented shape ``[len(timesteps), *x_T.shape]``."""
+    traj = x_T.unsqueeze(0).expand(grid.t.numel(), *x_T.shape).clone() if return_trajectory else None
+    return Solution(x_T.clone(), 0, grid.t, traj, stats)
 
 
 def _state_dtype(x: Tensor) -> torch.dtype:
@@ -323,8 +347,7 @@ def integrate(solver: Solver, model: ScoreModel, x_T: Tensor, grid: TimeGrid, *,
     nfe0 = model.nfe
     stats: dict = {"solver": solver.name, "schedule": grid.schedule, "status": "success"}
     if x_T.shape[0] == 0 or grid.t_start == grid.t_end:
-        return Solution(x_T.clone(), 0, grid.t, x_T.clone()[None] if return_trajectory else None,
-                        {**stats, "orders": []})
+        return _trivial_solution(x_T, grid, return_trajectory, {**stats, "orders": []})
     x = x_T.to(_state_dtype(x_T), copy=True)
     ev = CheckedModel(model, grid.steps, check_finite=True)
     traj = [x] if return_trajectory else None

@@ -137,6 +137,7 @@ class DPMSolverPP2M(ExponentialMultistep):
     solver_type: str = "midpoint"
 
     def validate_options(self) -> None:
+        super().validate_options()
         if self.solver_type not in ("midpoint", "heun"):
             raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {self.solver_type!r}")
 
@@ -167,6 +168,7 @@ class DPMSolverPP3M(ExponentialMultistep):
     warmup: str = "lower_order"
 
     def validate_options(self) -> None:
+        super().validate_options()
         if self.warmup not in ("lower_order", "singlestep"):
             raise ValueError(f"warmup must be 'lower_order' or 'singlestep', got {self.warmup!r}")
 
@@ -176,9 +178,9 @@ class DPMSolverPP3M(ExponentialMultistep):
     def orders_for(self, steps: int) -> list[int]:
         orders = super().orders_for(steps)
         if self.warmup == "singlestep":
+            # step 0 is always DPM-Solver++(2S) (two evaluations, order 2), also when
+            # lower_order_final would lower it (steps = 1): the stats report what ran
             orders = [2] + orders[1:]
-            if self.lower_order_final:
-                orders = [min(k, steps - i) for i, k in enumerate(orders)]
         return orders
 
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
@@ -187,8 +189,10 @@ class DPMSolverPP3M(ExponentialMultistep):
             lam0, lam1 = float(tab.lam64[0]), float(tab.lam64[1])
             t_mid = sde._t_of_log_snr(torch.tensor(lam0 + lam1, dtype=torch.float64))  # lambda midpoint
             c = sde.coefficients(t_mid.reshape(1))
+            # the fraction actually reached (round-off of the inverse), as in ExponentialSinglestep
+            r = (0.5 * float(c["log_snr"][0]) - lam0) / (lam1 - lam0)
             tab.warm = dict(t64=t_mid.to(like.device), alpha=float(c["alpha"][0]), sigma=float(c["sigma"][0]),
-                            h=lam1 - lam0)
+                            h=lam1 - lam0, r=r)
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, hist: History, tab: StepTable, noise) -> tuple:
@@ -196,9 +200,11 @@ class DPMSolverPP3M(ExponentialMultistep):
             w = tab.warm
             s_s, a_t, s_t, h = float(tab.sigma64[0]), float(tab.alpha64[1]), float(tab.sigma64[1]), w["h"]
             x0_s = model.evaluate(x, tab.t64[0]).x0
-            u = (w["sigma"] / s_s) * x - (w["alpha"] * math.expm1(-0.5 * h)) * x0_s
+            r = w["r"]
+            u = (w["sigma"] / s_s) * x - (w["alpha"] * math.expm1(-r * h)) * x0_s
             x0_1 = model.evaluate(u, w["t64"]).x0
-            return (s_t / s_s) * x - (a_t * math.expm1(-h)) * x0_1, hist.push(x0_s, self.keep())
+            d = (1.0 - 0.5 / r) * x0_s + (0.5 / r) * x0_1       # DPM-Solver++(2S); = x0_1 at r = 1/2
+            return (s_t / s_s) * x - (a_t * math.expm1(-h)) * d, hist.push(x0_s, self.keep())
         return super().step(model, i, x, hist, tab, noise)
 
 
@@ -224,6 +230,11 @@ class _MultistepSDE(ExponentialMultistep):
 
     def rate(self) -> float:
         return 1.0 + float(self.eta)
+
+    def weights(self, k: int, nodes: list[float], h: float) -> list[float]:
+        # the data-prediction integral of the SDE form carries the factor c = 1 + eta:
+        # c * int_0^h e^{-c(h-u)} p(u) du (constant x0 gives alpha_t (1 - e^{-c h}), k-diffusion's form)
+        return [self.rate() * w for w in super().weights(k, nodes, h)]
 
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
         tab = super().prepare(sde, grid, like)

@@ -104,6 +104,10 @@ class ExponentialMultistep(Solver):
     default_schedule: ClassVar[str] = "log_snr"
     lower_order_final: bool = False
 
+    def validate_options(self) -> None:
+        if not isinstance(self.lower_order_final, bool):
+            raise TypeError(f"lower_order_final must be a bool, got {self.lower_order_final!r}")
+
     def orders_for(self, steps: int) -> list[int]:
         orders = [min(self.order, i + 1) for i in range(steps)]
         if self.lower_order_final:
@@ -222,8 +226,12 @@ class ExponentialSinglestep(Solver):
             lam_st = torch.tensor([float(lam[i]) + r * h for r in fr], dtype=torch.float64)
             t_st = sde._t_of_log_snr(2.0 * lam_st) if fr else torch.zeros(0, dtype=torch.float64)
             c = sde.coefficients(t_st) if fr else None
+            # the fractions actually reached: lambda(t_of_log_snr(lam)) may differ from lam by
+            # round-off of the inverse (1e-12 for sub-VP); using the reached values keeps every
+            # stage on the schedule it is evaluated at (the formulas hold for any r)
+            r_st = tuple(float(v) for v in (0.5 * c["log_snr"] - float(lam[i])) / h) if fr else ()
             stages.append(dict(
-                r=fr, h=h,
+                r=r_st, h=h,
                 a_s=float(tab.alpha64[i]), s_s=float(tab.sigma64[i]),
                 a_t=float(tab.alpha64[i + 1]), s_t=float(tab.sigma64[i + 1]),
                 t64=[v.to(like.device) for v in t_st],

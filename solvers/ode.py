@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +21,8 @@ from scoresde.model import ScoreModel
 from scoresde.sde import SDE, LinearSDE
 
 from ._registry import register
-from .base import CheckedModel, Solution, Solver, SolverError, StepTable, _state_dtype
+from .base import (CheckedModel, NonFiniteError, Solution, Solver, SolverError, StepInfo, StepTable,
+                   _state_dtype, _trivial_solution)
 from .timesteps import TimeGrid
 
 __all__ = ["Euler", "Heun", "DDIM", "PFODE", "check_tolerances"]
@@ -64,6 +66,10 @@ class Heun(Solver):
     order: ClassVar[int] = 2
     default_schedule: ClassVar[str] = "karras"
     last_step_euler: bool = True
+
+    def validate_options(self) -> None:
+        if not isinstance(self.last_step_euler, bool):
+            raise TypeError(f"last_step_euler must be a bool, got {self.last_step_euler!r}")
 
     def expected_nfe(self, steps: int) -> int:
         return 2 * steps - (1 if self.last_step_euler else 0)
@@ -154,24 +160,28 @@ class PFODE(Solver):
     ``rtol``/``atol``; fixed-grid methods such as ``rk4`` step on the time grid).  The model is
     never evaluated outside ``[t_end, t_start]`` (``step_t`` at the end point and a clamp).
     ``max_steps`` bounds adaptive steps (a :class:`SolverError` with where it stopped).
+    ``rtol`` below 100 eps of the state dtype is clamped with a warning (reported in
+    ``stats``); the default (``None``) is 1e-5, silently raised to 1.19e-5 for float32.
     NFE: as many as the integrator makes, counted at the model."""
 
     order: ClassVar[int] = 5
     requires_linear_sde: ClassVar[bool] = False
     adaptive: ClassVar[bool] = True
     ode_method: str = "dopri5"
-    rtol: float = 1e-5
+    rtol: float | None = None     # None: 1e-5, raised silently to 100 eps of a float32 state
     atol: float = 1e-5
     max_steps: int = 10_000
 
     _FIXED = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams", "heun3", "fixed_adams", "heun2")
+    _ADAPTIVE_RK = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
     def validate_options(self) -> None:
         from torchdiffeq._impl.odeint import SOLVERS
 
         if self.ode_method not in SOLVERS:
             raise ValueError(f"ode_method must be one of {sorted(SOLVERS)}; got {self.ode_method!r}")
-        check_float(self.rtol, "rtol", low=0.0)
+        if self.rtol is not None:
+            check_float(self.rtol, "rtol", low=0.0)
         check_float(self.atol, "atol", low=0.0)
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise ValueError(f"max_steps must be an int >= 1, got {self.max_steps!r}")
@@ -181,22 +191,32 @@ class PFODE(Solver):
 
     def run(self, model: ScoreModel, x_T: Tensor, grid: TimeGrid, *, noise=None, return_trajectory=False,
             callback=None, final_denoise=False, nonfinite="raise") -> Solution:
+        """Integrate with ``odeint``.  ``callback`` receives a :class:`StepInfo` after every
+        accepted step (the integrator's own steps; fixed-grid methods: every grid step).
+        ``max_steps`` bounds the step attempts (accepted + rejected) over the whole solve; reaching
+        it raises :class:`SolverError` with ``t_reached`` (last accepted time), ``nfe`` and
+        ``last_dt``.  ``nonfinite="return"`` returns the state at the last accepted step."""
         from torchdiffeq import odeint
 
         nfe0 = model.nfe
         stats: dict = {"solver": self.name, "ode_method": self.ode_method, "status": "success"}
         if x_T.shape[0] == 0 or grid.t_start == grid.t_end:
-            return Solution(x_T.clone(), 0, grid.t, x_T.clone()[None] if return_trajectory else None, stats)
+            return _trivial_solution(x_T, grid, return_trajectory, stats)
         dtype = _state_dtype(x_T)
-        rtol, atol, notes = check_tolerances(self.rtol, self.atol, dtype)
+        # the default never warns: 1e-5 is below 100 eps(float32) = 1.19e-5 by a hair
+        rtol_in = self.rtol if self.rtol is not None else max(1e-5, 100.0 * torch.finfo(dtype).eps)
+        rtol, atol, notes = check_tolerances(rtol_in, self.atol, dtype)
         if notes:
             stats["warnings"] = notes
         stats.update(rtol=rtol, atol=atol)
         x = x_T.to(dtype, copy=True)
-        ev = CheckedModel(model, 0, check_finite=True)
+        ev = CheckedModel(model, None, check_finite=True)
         drift = pf_ode_drift(model, ev, x)
         t_lo, t_hi = min(grid.t_start, grid.t_end), max(grid.t_start, grid.t_end)
         calls = [0]
+        fixed = self.ode_method in self._FIXED
+        # progress of the integrator: accepted step starts (t, y), attempts, last step size
+        track = SimpleNamespace(t=grid.t_start, y=x, accepted=0, attempts=0, dt=None)
 
         def func(t: Tensor, y: Tensor) -> Tensor:
             calls[0] += 1
@@ -204,30 +224,71 @@ class PFODE(Solver):
             t64 = t.detach().to(torch.float64).clamp(t_lo, t_hi)
             return drift(y, t64)
 
+        def on_attempt(t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+            track.attempts += 1
+            if not fixed and track.attempts > self.max_steps:
+                raise _MaxSteps()
+            if fixed:
+                on_accept(t0, y0, dt)
+
+        def on_accept(t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+            # called at the *start* of an accepted step: the previous step ended at (t0, y0)
+            t0f = float(t0)
+            if track.accepted and callback is not None:
+                callback(StepInfo(track.accepted - 1, t0f, y0, model.nfe - nfe0))
+            track.t, track.y, track.dt = t0f, y0, abs(float(dt))
+            track.accepted += 1
+
+        if fixed or self.ode_method in self._ADAPTIVE_RK:   # torchdiffeq's step callbacks
+            func.callback_step = on_attempt
+            if not fixed:
+                func.callback_accept_step = on_accept
+
         t_eval = grid.t.to(dtype=dtype, device=x.device) if return_trajectory else \
             torch.tensor([grid.t_start, grid.t_end], dtype=dtype, device=x.device)
         options: dict = {}
-        if self.ode_method in self._FIXED:
+        if fixed:
             grid_t = grid.t.to(dtype=dtype, device=x.device)
             options["grid_constructor"] = lambda f, y0, t: grid_t
-        else:
+        elif self.ode_method in self._ADAPTIVE_RK:
             options["step_t"] = torch.tensor([grid.t_end], dtype=dtype)
             options["max_num_steps"] = self.max_steps
+        traj = None
         with torch.no_grad():
             try:
                 ys = odeint(func, x, t_eval, method=self.ode_method, rtol=rtol, atol=atol, options=options)
-            except AssertionError as err:
+                x_out = ys[-1]
+                if callback is not None and track.accepted:
+                    callback(StepInfo(track.accepted - 1, grid.t_end, x_out, model.nfe - nfe0))
+                if final_denoise:
+                    x_out = ev.evaluate(x_out, torch.tensor(grid.t_end, dtype=torch.float64, device=x.device)).x0
+                ev.check_deferred()
+                traj = ys.to(x_T.dtype) if return_trajectory else None
+            except (AssertionError, _MaxSteps) as err:
                 msg = str(err)
-                why = "max_steps reached" if "max_num_steps" in msg else "step size underflow" if "underflow" in msg else msg
-                raise SolverError(f"pf_ode failed: {why} (nfe={model.nfe - nfe0}, rtol={rtol:g}, atol={atol:g})",
-                                  nfe=model.nfe - nfe0, status=why) from err
-            x_out = ys[-1]
-            if final_denoise:
-                x_out = ev.evaluate(x_out, torch.tensor(grid.t_end, dtype=torch.float64, device=x.device)).x0
-            ev.check_deferred()
+                why = "max_steps reached" if isinstance(err, _MaxSteps) or "max_num_steps" in msg else \
+                    "step size underflow" if "underflow" in msg else msg
+                raise SolverError(
+                    f"pf_ode failed: {why} (max_steps={self.max_steps}) at t={track.t:.6g} after "
+                    f"{track.accepted} accepted steps, nfe={model.nfe - nfe0}, last dt={track.dt}, "
+                    f"rtol={rtol:g}, atol={atol:g}",
+                    t_reached=track.t, nfe=model.nfe - nfe0, last_dt=track.dt, status=why,
+                ) from err
+            except NonFiniteError as err:
+                if nonfinite == "raise":
+                    raise
+                x_out = track.y
+                stats.update(status="nonfinite", message=str(err), t_reached=track.t)
         stats["nfe_integrator"] = calls[0]
-        traj = ys.to(x_T.dtype) if return_trajectory else None
+        stats["accepted_steps"] = track.accepted
+        if not fixed:
+            stats["rejected_steps"] = track.attempts - track.accepted
         return Solution(x_out.to(x_T.dtype), model.nfe - nfe0, grid.t, traj, stats)
+
+
+class _MaxSteps(Exception):
+    def __str__(self) -> str:
+        return "max_steps reached"
 
 
 def pf_ode_drift(model: ScoreModel, ev: CheckedModel, like: Tensor):

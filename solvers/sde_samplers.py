@@ -1,0 +1,390 @@
+r"""Samplers of the reverse-time SDE: ``euler_maruyama``, ``reverse_diffusion``, ``ancestral``
+and the adaptive ``adaptive_sde``.
+
+The reverse of :math:`dx = f(x,t)\,dt + g(t)\,dW` (Anderson 1982; Song et al. 2021, eq. 6) is
+
+.. math:: dx = \big[f(x,t) - g(t)^2\nabla\log p_t(x)\big]\,dt + g(t)\,d\bar W,
+
+integrated from ``T`` down to ``t_end``.  For a LinearSDE, :math:`f(x,t) = f(t)x` and
+:math:`\nabla\log p_t = -\hat\epsilon/\sigma_t`.  Notation on a grid :math:`t_0 > t_1 > \dots`:
+:math:`\alpha_i, \sigma_i`, :math:`\lambda_i = \log(\alpha_i/\sigma_i)`,
+:math:`h_i = \lambda_{i+1} - \lambda_i > 0`, :math:`\Delta_i = t_i - t_{i+1} > 0`.
+
+Every sampler here draws **all** its randomness through the noise source it is given
+(:mod:`solvers.noise`: one generator, one per sample, a Brownian path, or zero noise), as
+``noise(i, t_i, t_{i+1}, x)``; the fixed-step ones compute every schedule coefficient once
+per call in ``prepare`` (float64, then cast) and only index it in ``step``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from scoresde._checks import append_dims, check_float, check_int
+from scoresde.model import ScoreModel
+from scoresde.sde import SDE, LinearSDE
+
+from ._registry import register
+from .base import CheckedModel, NonFiniteError, Solution, Solver, SolverError, StepInfo, StepTable, _state_dtype
+from .noise import BrownianNoise, NoiseSource
+from .ode import check_tolerances
+from .timesteps import TimeGrid
+
+__all__ = ["EulerMaruyama", "ReverseDiffusion", "Ancestral", "AdaptiveSDE"]
+
+
+def _cast(v: Tensor, like: Tensor) -> Tensor:
+    return v.to(dtype=like.dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------- fixed step
+@register("euler_maruyama")
+@dataclass
+class EulerMaruyama(Solver):
+    r"""Euler--Maruyama on the reverse-time SDE (Song et al. 2021, Appendix; score_sde's
+    ``EulerMaruyamaPredictor``), stepping from :math:`t_i` down to :math:`t_{i+1}`:
+
+    .. math:: x_{i+1} = x_i - \Delta_i\big[f(t_i)x_i - g(t_i)^2 s(x_i,t_i)\big] + g(t_i)\sqrt{\Delta_i}\,z_i,
+              \qquad s = \nabla\log p_t = -\hat\epsilon/\sigma_t,
+
+    :math:`z_i` from the noise source.  Weak order 1; strong order 1 for this additive
+    noise (0.5 for general multiplicative noise).  1 NFE per step."""
+
+    order: ClassVar[int] = 1
+    stochastic: ClassVar[bool] = True
+    requires_linear_sde: ClassVar[bool] = False
+
+    def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
+        tab = super().prepare(sde, grid, like)
+        t64 = grid.t
+        delta = t64[:-1] - t64[1:]                         # > 0
+        if isinstance(sde, LinearSDE):
+            c = sde.coefficients(t64[:-1])
+            tab.general = False
+            tab.x_coef = _cast(1.0 - delta * c["f"], like)
+            tab.eps_coef = _cast(-delta * c["g2"] / c["sigma"], like)   # Delta g^2 s = -Delta g^2 eps / sigma
+            tab.noise_std = _cast(torch.sqrt(c["g2"] * delta), like)
+        else:  # pragma: no cover - ScoreModel only accepts LinearSDEs today
+            g2 = sde.diffusion(t64[:-1]) ** 2
+            tab.general = True
+            tab.delta = _cast(delta, like)
+            tab.g2_delta = _cast(g2 * delta, like)
+            tab.noise_std = _cast(torch.sqrt(g2 * delta), like)
+        return tab
+
+    def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable,
+             noise: NoiseSource) -> tuple[Tensor, Any]:
+        d = model.evaluate(x, tab.t64[i])
+        z = noise(i, tab.t[i], tab.t[i + 1], x)
+        if tab.general:  # pragma: no cover
+            tt = tab.t64[i].expand(x.shape[0]).to(x.dtype)
+            x_next = x - tab.delta[i] * model.sde.drift(x, tt) + tab.g2_delta[i] * d.score
+        else:
+            # x - Delta (f x - g^2 s) = (1 - Delta f) x + Delta g^2 s,  s = -eps / sigma
+            x_next = tab.x_coef[i] * x + tab.eps_coef[i] * d.eps
+        return x_next + tab.noise_std[i] * z, state
+
+
+@register("reverse_diffusion")
+@dataclass
+class ReverseDiffusion(Solver):
+    r"""score_sde's ``ReverseDiffusionPredictor`` (Song et al. 2021, eq. 46) for any LinearSDE:
+    the reverse SDE discretised with the *forward* discretisation of the same interval,
+    :math:`x_{t_i} = r_i x_{t_{i+1}} + G_i\xi` with :math:`r_i = \alpha_i/\alpha_{i+1}` and
+    :math:`G_i^2 = \sigma_i^2 - r_i^2\sigma_{i+1}^2 = \sigma_i^2(1 - e^{-2h_i})`:
+
+    .. math:: x_{i+1} = x_i - (r_i - 1)x_i + G_i^2\,s(x_i, t_i) + G_i z_i
+              = (2 - r_i)x_i - \frac{G_i^2}{\sigma_i}\hat\epsilon + G_i z_i.
+
+    For VP this is score_sde's form with the discrete :math:`\beta_i = 1 - r_i^2 = G_i^2`
+    (:math:`f_i = (\sqrt{1-\beta_i}-1)x`, :math:`G_i = \sqrt{\beta_i}`); for VE
+    :math:`f_i = 0`, :math:`G_i^2 = \sigma_i^2 - \sigma_{i+1}^2`.  Weak order 1, 1 NFE per step."""
+
+    order: ClassVar[int] = 1
+    stochastic: ClassVar[bool] = True
+
+    def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
+        tab = super().prepare(sde, grid, like)
+        r = tab.alpha64[:-1] / tab.alpha64[1:]
+        G2 = tab.sigma64[:-1] ** 2 * (-torch.expm1(-2.0 * tab.h64))
+        tab.x_coef = _cast(2.0 - r, like)
+        tab.eps_coef = _cast(-G2 / tab.sigma64[:-1], like)
+        tab.noise_std = _cast(torch.sqrt(G2), like)
+        return tab
+
+    def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable,
+             noise: NoiseSource) -> tuple[Tensor, Any]:
+        eps = model.evaluate(x, tab.t64[i]).eps
+        z = noise(i, tab.t[i], tab.t[i + 1], x)
+        return tab.x_coef[i] * x + tab.eps_coef[i] * eps + tab.noise_std[i] * z, state
+
+
+@register("ancestral")
+@dataclass
+class Ancestral(Solver):
+    r"""Ancestral sampling: draw :math:`x_{t_{i+1}}` from the exact Gaussian posterior
+    :math:`q(x_{t_{i+1}} \mid x_{t_i}, x_0 = \hat x_0(x_{t_i}, t_i))` of the LinearSDE,
+
+    .. math:: x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}e^{-h_i}x_i + \alpha_{i+1}(1-e^{-2h_i})\,\hat x_0
+              + \sigma_{i+1}\sqrt{1-e^{-2h_i}}\;z_i.
+
+    For VP this is DDPM's ancestral step (Ho et al. 2020, eqs. 6-7, with the posterior
+    variance :math:`\tilde\beta`; score_sde's VP ``AncestralSamplingPredictor`` uses the other
+    DDPM choice :math:`\sigma^2 = \beta`); for VE it is score_sde's
+    :math:`x_{i+1} = x_i + (\sigma_i^2-\sigma_{i+1}^2)s + \sqrt{\sigma_{i+1}^2(\sigma_i^2-\sigma_{i+1}^2)/\sigma_i^2}\,z`.
+    It equals ``ddim`` with ``eta=1``, and is exact for point-mass data at any step count.
+    Weak order 1, 1 NFE per step."""
+
+    order: ClassVar[int] = 1
+    stochastic: ClassVar[bool] = True
+
+    def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
+        tab = super().prepare(sde, grid, like)
+        h = tab.h64
+        one_m = -torch.expm1(-2.0 * h)                       # 1 - e^{-2h}
+        tab.x_coef = _cast(tab.sigma64[1:] / tab.sigma64[:-1] * torch.exp(-h), like)
+        tab.x0_coef = _cast(tab.alpha64[1:] * one_m, like)
+        tab.noise_std = _cast(tab.sigma64[1:] * torch.sqrt(one_m), like)
+        return tab
+
+    def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable,
+             noise: NoiseSource) -> tuple[Tensor, Any]:
+        x0 = model.evaluate(x, tab.t64[i]).x0
+        z = noise(i, tab.t[i], tab.t[i + 1], x)
+        return tab.x_coef[i] * x + tab.x0_coef[i] * x0 + tab.noise_std[i] * z, state
+
+
+# ----------------------------------------------------------------------------- adaptive
+_STATUS = ("running", "success", "dt_min_reached", "step_size_underflow", "max_steps_reached")
+_RUN, _DONE, _DTMIN, _UNDER, _MAXS = range(5)
+
+
+@register("adaptive_sde")
+@dataclass
+class AdaptiveSDE(Solver):
+    r"""Adaptive reverse-SDE solver of Jolicoeur-Martineau et al. 2021, "Gotta Go Fast When
+    Generating Data with Score-Based Models" (Algorithm 1): an embedded Euler--Maruyama /
+    improved-Euler pair sharing the same noise :math:`z` (reverse drift
+    :math:`b(x,t) = f(t)x - g(t)^2 s(x,t)`, step :math:`h` down in t):
+
+    .. math:: x' = x - h\,b(x,t) + \sqrt h\,g(t)z,\qquad
+              \tilde x = x - h\,b(x', t-h) + \sqrt h\,g(t-h)z,\qquad x'' = \tfrac12(x' + \tilde x),
+
+    error :math:`E = \big\|(x'-x'')/\delta\big\|_2/\sqrt n` with the mixed tolerance
+    :math:`\delta = \max(\text{atol},\ \text{rtol}\max(|x'|, |x'_{prev}|))` (element-wise;
+    :math:`x'_{prev}` the EM value of the last accepted step), accept iff :math:`E \le 1`
+    and then continue from :math:`x''` (extrapolation), and the step-size controller
+    :math:`h \leftarrow \min(h_{max},\ t - t_{end},\ \theta h E^{-r})`.
+
+    **Per sample**: every sample has its own t, h, acceptance and counters (as in the
+    authors' code), so with per-sample generators a sample's result does not depend on the
+    rest of the batch.  Each loop iteration evaluates the network twice on the samples
+    still running (nfe = 2 x iterations; counted, not predicted).  Rejected steps redraw
+    their noise, so a fixed Brownian path (``BrownianNoise``) is refused.  The model is
+    only evaluated inside ``[t_end, t_start]``.
+
+    **Options:** ``rtol`` (default 0.01, the authors' code; the paper also uses 0.02-0.05
+    for speed), ``atol`` (0.0078 ~ 1/128, for data in [-1, 1]), ``h_init`` (default
+    ``0.01 (t_start - t_end)``), ``h_max`` (default: the whole interval), ``safety``
+    :math:`\theta = 0.9`, ``exponent`` :math:`r = 0.9`, ``dt_min`` (1e-5: a rejected step of
+    size ``dt_min`` fails the sample with status ``"dt_min_reached"``, never a silent accept;
+    0 disables it and then a step below 10 ulp of t is ``"step_size_underflow"``),
+    ``max_steps`` (loop iterations, ``"max_steps_reached"``), ``on_failure``: ``"raise"``
+    (:class:`SolverError` carrying ``t_reached``, ``nfe``, ``last_dt``, per-sample
+    ``status`` and the ``partial`` solution) or ``"return"`` (the failed samples stop where
+    they are; ``sol.stats["status"]`` names the failure).
+
+    ``sol.stats``: ``status``, ``sample_status``, ``accepted`` and ``rejected`` (per-sample
+    lists), ``iterations``, ``t_reached`` (per sample), ``rtol``, ``atol``.  Weak order 1."""
+
+    order: ClassVar[int] = 1
+    stochastic: ClassVar[bool] = True
+    requires_linear_sde: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = True
+    rtol: float = 0.01
+    atol: float = 0.0078
+    h_init: float | None = None
+    h_max: float | None = None
+    dt_min: float = 1e-5
+    max_steps: int = 10_000
+    safety: float = 0.9
+    exponent: float = 0.9
+    on_failure: str = "raise"
+
+    def validate_options(self) -> None:
+        check_float(self.rtol, "rtol", low=0.0)
+        check_float(self.atol, "atol", low=0.0)
+        if self.h_init is not None:
+            check_float(self.h_init, "h_init", low=0.0, low_open=True)
+        if self.h_max is not None:
+            check_float(self.h_max, "h_max", low=0.0, low_open=True)
+        check_float(self.dt_min, "dt_min", low=0.0)
+        if self.h_max is not None and self.dt_min > self.h_max:
+            raise ValueError(f"dt_min must be <= h_max, got dt_min={self.dt_min}, h_max={self.h_max}")
+        if self.h_init is not None and self.h_max is not None and self.h_init > self.h_max:
+            raise ValueError(f"h_init must be <= h_max, got h_init={self.h_init}, h_max={self.h_max}")
+        check_int(self.max_steps, "max_steps", minimum=1)
+        check_float(self.safety, "safety", low=0.0, high=1.0, low_open=True)
+        check_float(self.exponent, "exponent", low=0.0, low_open=True)
+        if self.on_failure not in ("raise", "return"):
+            raise ValueError(f"on_failure must be 'raise' or 'return', got {self.on_failure!r}")
+
+    def expected_nfe(self, steps: int) -> int:
+        raise NotImplementedError("adaptive_sde is adaptive: its nfe is counted, not predicted")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, model: ScoreModel, x_T: Tensor, grid: TimeGrid, *, noise: NoiseSource | None = None,
+            return_trajectory: bool = False, callback=None, final_denoise: bool = False,
+            nonfinite: str = "raise") -> Solution:
+        nfe0 = model.nfe
+        B = x_T.shape[0]
+        stats: dict = {"solver": self.name, "status": "success"}
+        if return_trajectory:
+            raise ValueError("return_trajectory is not supported by adaptive_sde (per-sample step sizes); "
+                             "use callback")
+        if isinstance(noise, BrownianNoise):
+            raise ValueError("adaptive_sde redraws the noise of rejected steps, so it cannot follow a fixed "
+                             "Brownian path: pass a torch.Generator (or a list of them) as generator")
+        t_start, t_end = grid.t_start, grid.t_end
+        if B == 0 or t_start == t_end:
+            stats.update(sample_status=["success"] * B, accepted=[0] * B, rejected=[0] * B, iterations=0,
+                         t_reached=[t_end] * B)
+            return Solution(x_T.clone(), 0, grid.t, None, stats)
+        dtype = _state_dtype(x_T)
+        rtol, atol, notes = check_tolerances(self.rtol, self.atol, dtype)
+        if notes:
+            stats["warnings"] = notes
+        stats.update(rtol=rtol, atol=atol)
+        span = t_start - t_end
+        h_max = span if self.h_max is None else min(float(self.h_max), span)
+        h0 = min(0.01 * span if self.h_init is None else float(self.h_init), h_max)
+        dt_min = float(self.dt_min)
+        dev = x_T.device
+        sde = model.sde
+        linear = isinstance(sde, LinearSDE)
+        tiny = torch.finfo(dtype).tiny
+        eps64 = torch.finfo(torch.float64).eps
+        snap = 1e-12 * span                                   # remaining distance counted as arrived
+
+        def coef(t64: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+            if linear:
+                f, g2 = sde._f(t64), sde._g2(t64)
+            else:  # pragma: no cover - ScoreModel only accepts LinearSDEs today
+                f, g2 = None, sde.diffusion(t64) ** 2
+            cast = lambda v: append_dims(v.to(dtype=like.dtype), like.ndim)  # noqa: E731
+            return (cast(f) if f is not None else None), cast(g2)
+
+        def rev_drift(x: Tensor, t64: Tensor, f: Tensor | None, g2: Tensor) -> Tensor:
+            d = ev.evaluate(x, t64)
+            if f is None:  # pragma: no cover
+                return sde.drift(x, t64.to(x.dtype)) - g2 * d.score
+            return f * x - g2 * d.score
+
+        x = x_T.to(dtype, copy=True)
+        x_prev = x.clone()
+        t = torch.full((B,), t_start, dtype=torch.float64, device=dev)
+        h = torch.full((B,), h0, dtype=torch.float64, device=dev)
+        status = torch.full((B,), _RUN, dtype=torch.long, device=dev)
+        n_acc = torch.zeros(B, dtype=torch.long, device=dev)
+        n_rej = torch.zeros(B, dtype=torch.long, device=dev)
+        ev = CheckedModel(model, self.max_steps, check_finite=True)
+        it = 0
+        red = tuple(range(1, x.ndim))
+        n_el = max(1, x[0].numel())
+
+        def finish(final_status: str, message: str | None = None) -> Solution:
+            t_reached = t.tolist()
+            stats.update(
+                status=final_status, sample_status=[_STATUS[int(s)] for s in status.tolist()],
+                accepted=n_acc.tolist(), rejected=n_rej.tolist(), iterations=it, t_reached=t_reached,
+            )
+            if message is not None:
+                stats["message"] = message
+            return Solution(x.to(x_T.dtype), model.nfe - nfe0, grid.t, None, stats)
+
+        with torch.no_grad():
+            try:
+                while True:
+                    active = status == _RUN
+                    if not bool(active.any()):
+                        break
+                    if it >= self.max_steps:
+                        status[active] = _MAXS
+                        break
+                    ev.step_index = it
+                    idx = torch.nonzero(active).flatten()
+                    xa, ta, ha, pa = x[idx], t[idx], h[idx], x_prev[idx]
+                    # one standard normal per sample and iteration, drawn for the whole batch so that
+                    # per-sample generators advance in step whatever the rest of the batch does
+                    z = noise(it, float(ta.max()), float((ta - ha).min()), x)[idx]
+                    last = ha >= ta - t_end
+                    tb = torch.where(last, torch.full_like(ta, t_end), ta - ha)
+                    hx = append_dims(ha.to(dtype), x.ndim)
+                    sq = torch.sqrt(hx)
+                    f1, g21 = coef(ta, xa)
+                    k1 = -hx * rev_drift(xa, ta, f1, g21) + torch.sqrt(g21) * sq * z
+                    x_em = xa + k1
+                    f2, g22 = coef(tb, xa)
+                    k2 = -hx * rev_drift(x_em, tb, f2, g22) + torch.sqrt(g22) * sq * z
+                    x_ie = xa + 0.5 * (k1 + k2)
+                    delta = torch.maximum(rtol * torch.maximum(x_em.abs(), pa.abs()),
+                                          torch.full_like(x_em, atol)).clamp_min(tiny)
+                    err = torch.sqrt((((x_ie - x_em) / delta) ** 2).sum(dim=red) / n_el) if red else \
+                        ((x_ie - x_em) / delta).abs()
+                    err64 = err.to(torch.float64)
+                    ok = err64 <= 1.0
+                    okx = append_dims(ok, x.ndim)
+                    x[idx] = torch.where(okx, x_ie, xa)
+                    x_prev[idx] = torch.where(okx, x_em, pa)
+                    t_new = torch.where(ok, tb, ta)
+                    t_new = torch.where(t_new - t_end <= snap, torch.full_like(t_new, t_end), t_new)
+                    t[idx] = t_new
+                    n_acc[idx] += ok.long()
+                    n_rej[idx] += (~ok).long()
+                    # controller
+                    h_ctrl = self.safety * ha * err64.clamp_min(1e-10) ** (-self.exponent)
+                    h_new = torch.clamp(h_ctrl, min=dt_min, max=h_max)
+                    h_new = torch.minimum(h_new, t_new - t_end)
+                    h[idx] = h_new
+                    st = torch.full_like(idx, _RUN)
+                    st = torch.where(t_new <= t_end, torch.full_like(st, _DONE), st)
+                    if dt_min > 0:
+                        failed = (~ok) & (ha <= dt_min * (1.0 + 1e-9))
+                        st = torch.where(failed, torch.full_like(st, _DTMIN), st)
+                    else:
+                        under = (st == _RUN) & (h_ctrl < 10.0 * eps64 * t_new.abs())
+                        st = torch.where(under, torch.full_like(st, _UNDER), st)
+                    status[idx] = st
+                    it += 1
+                    if callback is not None:
+                        callback(StepInfo(it - 1, float(t.max()), x, model.nfe - nfe0))
+                    if self.on_failure == "raise" and bool((st >= _DTMIN).any()):
+                        break
+                worst = int(status.max())
+                if final_denoise and (worst < _DTMIN or self.on_failure == "return"):
+                    x = ev.evaluate(x, t.clone()).x0       # t = t_end, or where a failed sample stopped
+                ev.check_deferred()
+            except NonFiniteError as err:
+                if nonfinite == "raise":
+                    raise
+                return finish("nonfinite", str(err))
+        if worst >= _DTMIN:
+            name = _STATUS[worst]
+            bad = torch.nonzero(status >= _DTMIN).flatten().tolist()
+            last_dt = float(h[bad].min())
+            t_reached = float(t[bad].max())
+            msg = (f"adaptive_sde: {name.replace('_', ' ')} for samples {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+                   f"at t={t_reached:.6g} (t_end={t_end:.6g}); last dt={last_dt:.3g}, dt_min={dt_min:.3g}, "
+                   f"rtol={rtol:g}, atol={atol:g}, iterations={it}, nfe={model.nfe - nfe0}")
+            partial = finish(name, msg)
+            if self.on_failure == "raise":
+                raise SolverError(msg, t_reached=t_reached, nfe=model.nfe - nfe0, last_dt=last_dt,
+                                  status=partial.stats["sample_status"], partial=partial)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            return partial
+        return finish("success")

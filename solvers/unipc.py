@@ -1,0 +1,174 @@
+r"""UniPC: the unified predictor-corrector multistep method, in data prediction.
+
+Zhao, Bai, Rao, Zhou & Lu 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast
+Sampling of Diffusion Models" (NeurIPS), Algorithms 1-3 (the ``B(h)`` form, "UniPC_bh").
+Written in :math:`\lambda = \log(\alpha/\sigma)` over any LinearSDE (the reference code is
+VP-only); all coefficients are solved once per call in float64 in :meth:`UniPC.prepare`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from scoresde.sde import SDE
+
+from ._registry import register
+from .base import CheckedModel, StepTable
+from .exponential import ExponentialMultistep, History, phi
+from .timesteps import TimeGrid
+
+__all__ = ["UniPC", "unipc_rhos"]
+
+ORDERS = (1, 2, 3)
+VARIANTS = ("bh1", "bh2")
+
+
+def unipc_rhos(rks: list[float], h: float, variant: str, corrector: bool) -> tuple[float, list[float]]:
+    r"""``(B(h), rho)`` of one step of length ``h`` in :math:`\lambda` whose earlier data
+    predictions sit at the relative offsets ``rks`` = :math:`r_m = (\lambda_{i-m}-\lambda_i)/h`,
+    m = 1..k-1 (k = the step's order): the predictor's :math:`\rho^p` (k-1 values) or, with
+    ``corrector``, the corrector's :math:`\rho^c` (k values).
+
+    With :math:`\hbar = -h` (data prediction) the order conditions read
+    :math:`\sum_m \rho_m r_m^{j-1} = b_j = j!\,\hbar\,\varphi_{j+1}(\hbar)/B(h)`, j = 1..k, over the
+    nodes :math:`(r_1, \dots, r_{k-1}, 1)`; :math:`B(h) = \hbar` (bh1) or :math:`e^{\hbar}-1` (bh2).
+    The predictor solves the leading :math:`(k-1)\times(k-1)` system, the corrector the full
+    :math:`k\times k` one, with one ``torch.linalg.solve`` in float64.  As in the paper's
+    reference code, the 1x1 systems (predictor of order 2, corrector of order 1) take
+    :math:`\rho = 1/2`, the limit :math:`h\to 0` of their solution; it is only there that
+    bh1 and bh2 differ (in a solved system :math:`B(h)` cancels from :math:`B(h)\rho`).
+    """
+    hh = -h
+    B = hh if variant == "bh1" else math.expm1(hh)
+    n = len(rks) + (1 if corrector else 0)           # size of the system
+    if n == 0:
+        return B, []
+    if n == 1:
+        return B, [0.5]
+    nodes = torch.tensor([*rks, 1.0][:n], dtype=torch.float64)
+    R = torch.stack([nodes ** j for j in range(n)])                       # R[j, m] = r_m^j
+    b = torch.tensor([math.factorial(j) * hh * phi(j + 1, hh) / B for j in range(1, n + 1)],
+                     dtype=torch.float64)
+    return B, torch.linalg.solve(R, b).tolist()
+
+
+@register("unipc")
+@dataclass
+class UniPC(ExponentialMultistep):
+    r"""UniPC (Zhao et al. 2023, Algorithms 2-3, ``B(h)`` variants): the UniP-p predictor with
+    the UniC corrector, in data prediction, one NFE per step.
+
+    Step i goes from :math:`t_i` to :math:`t_{i+1}`, :math:`h = \lambda_{i+1}-\lambda_i`,
+    :math:`\hbar = -h`, with order :math:`k = k_i` and
+    :math:`D_m = (\hat x_0^{(i-m)} - \hat x_0^{(i)})/r_m`,
+    :math:`r_m = (\lambda_{i-m}-\lambda_i)/h` (m = 1..k-1).  The predictor (UniP-k) is
+
+    .. math:: \tilde x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i - \alpha_{i+1}(e^{\hbar}-1)\hat x_0^{(i)}
+              - \alpha_{i+1}B(h)\sum_{m=1}^{k-1}\rho^p_m D_m .
+
+    The next step's single evaluation :math:`\hat x_0^{(i+1)} = \hat x_0(\tilde x_{i+1}, t_{i+1})`
+    then drives the corrector (UniC-k), :math:`D_k = \hat x_0^{(i+1)} - \hat x_0^{(i)}`:
+
+    .. math:: x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i - \alpha_{i+1}(e^{\hbar}-1)\hat x_0^{(i)}
+              - \alpha_{i+1}B(h)\Big(\sum_{m=1}^{k-1}\rho^c_m D_m + \rho^c_k D_k\Big),
+
+    applied as the difference :math:`x_{i+1} - \tilde x_{i+1}` (a fixed combination of
+    data predictions), and :math:`\hat x_0^{(i+1)}` (taken at :math:`\tilde x_{i+1}`, as in the
+    paper) enters the history.  :math:`\rho^p, \rho^c` solve the order conditions of
+    :func:`unipc_rhos`; :math:`B(h) = \hbar` (``variant="bh1"``) or :math:`e^{\hbar}-1` (``"bh2"``).
+    The last step is not corrected (no evaluation follows it), so **nfe == steps**.
+
+    **Options:** ``order`` p in {1, 2, 3} (the predictor's order; warm-up uses orders
+    1, 2, ... as history accumulates), ``variant`` "bh1" | "bh2", ``use_corrector``
+    (default True), ``lower_order_final`` (default False; True reproduces the reference code's
+    final steps of decreasing order, which lowers the global order to at most 2).
+
+    **Order:** UniP-p alone has local error :math:`O(h^{p+1})`, UniPC-p :math:`O(h^{p+2})`
+    (paper, Theorem 3.1 and Corollary 3.2).  The global order (:attr:`expected_order`) is capped
+    by the first step (order 1, corrected: local :math:`O(h^3)`) and the uncorrected last step:
+    with the corrector 2, 3, 3 for p = 1, 2, 3; without it 1, 2, 2.
+    """
+
+    order: int = 3
+    variant: str = "bh1"
+    use_corrector: bool = True
+
+    def validate_options(self) -> None:
+        super().validate_options()
+        allowed = ", ".join(map(str, ORDERS))
+        if isinstance(self.order, bool) or not isinstance(self.order, int):
+            raise TypeError(f"order must be an int, one of {allowed}; got {self.order!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {allowed} for unipc; got {self.order!r}")
+        if not isinstance(self.variant, str) or self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}; got {self.variant!r}")
+        for name in ("use_corrector", "lower_order_final"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def expected_order(self) -> int:
+        """The global order this configuration attains on a smooth problem (see the class
+        docstring): min(p + 1, 3) with the corrector, min(p, 2) without, at most 2 with
+        ``lower_order_final`` (its last step is first order)."""
+        p = self.order
+        q = min(p + 1, 3) if self.use_corrector else min(p, 2)
+        return min(q, 2) if self.lower_order_final else q
+
+    # ------------------------------------------------------------- coefficients
+    def weights(self, k: int, nodes: list[float], h: float) -> list[float]:
+        """UniP-k weights of :math:`\\hat x_0^{(i)}, \\hat x_0^{(i-1)}, \\dots` (newest first);
+        ``prepare`` of the base scales them by :math:`\\alpha_{i+1}`."""
+        rks = [u / h for u in nodes[1:k]]
+        B, rho_p = unipc_rhos(rks, h, self.variant, corrector=False)
+        w = [-math.expm1(-h)] + [0.0] * (k - 1)
+        for m, (rho, r) in enumerate(zip(rho_p, rks), start=1):
+            w[m] -= B * rho / r
+            w[0] += B * rho / r
+        return w
+
+    def corrector_weights(self, k: int, nodes: list[float], h: float) -> list[float]:
+        """UniC-k correction :math:`(x_{i+1}-\\tilde x_{i+1})/\\alpha_{i+1}` as weights of
+        :math:`\\hat x_0^{(i+1)}, \\hat x_0^{(i)}, \\hat x_0^{(i-1)}, \\dots` (newest first)."""
+        rks = [u / h for u in nodes[1:k]]
+        _, rho_p = unipc_rhos(rks, h, self.variant, corrector=False)
+        B, rho_c = unipc_rhos(rks, h, self.variant, corrector=True)
+        w = [-B * rho_c[-1], B * rho_c[-1]] + [0.0] * (k - 1)
+        for m, r in enumerate(rks, start=1):
+            d = B * (rho_c[m - 1] - rho_p[m - 1]) / r
+            w[m + 1] -= d
+            w[1] += d
+        return w
+
+    def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
+        tab = super().prepare(sde, grid, like)
+        lam = tab.lam64.tolist()
+        # corr[i] corrects the state reached at t_i by step i-1 (order orders[i-1]); none at
+        # i = 0 (nothing to correct) and none after the last step (no evaluation follows it)
+        corr: list[Tensor | None] = [None] * grid.steps
+        if self.use_corrector:
+            for i in range(1, grid.steps):
+                k, s = tab.orders[i - 1], i - 1
+                nodes = [lam[s - m] - lam[s] for m in range(k)]
+                w = torch.tensor(self.corrector_weights(k, nodes, lam[i] - lam[s]),
+                                 dtype=torch.float64) * tab.alpha64[i]
+                corr[i] = w.to(dtype=like.dtype, device=like.device)
+        tab.corr = corr
+        tab.corr_orders = [0 if c is None else int(c.numel()) - 1 for c in corr]
+        return tab
+
+    # --------------------------------------------------------------------- step
+    def correct(self, model: CheckedModel, i: int, x: Tensor, hist: History, x0_new: Tensor,
+                tab: StepTable) -> tuple[Tensor, History]:
+        """UniC: add the precomputed combination of the new and the earlier data predictions."""
+        k = tab.corr_orders[i]
+        if k == 0:
+            return x, hist
+        c = tab.corr[i]
+        out = x + c[0] * x0_new
+        for j in range(k):
+            out = out + c[j + 1] * hist.x0[-1 - j]
+        return out, hist

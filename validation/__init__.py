@@ -1,0 +1,1 @@
+"""validation: every solver against exact answers (the project's main job: ``python -m validation``)."""
