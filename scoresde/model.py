@@ -135,13 +135,16 @@ class Denoised:
     """One evaluation of the model: the data and noise predictions and the schedule
     values they were converted with (all broadcastable against ``x``)."""
 
-    x0: Tensor
-    eps: Tensor
-    alpha: Tensor
-    sigma: Tensor
+    x0: Tensor | None
+    eps: Tensor | None
+    alpha: Tensor | None
+    sigma: Tensor | None
+    score_value: Tensor | None = None  # set for a general (non-linear) SDE: only the score exists
 
     @property
     def score(self) -> Tensor:
+        if self.score_value is not None:
+            return self.score_value
         return -self.eps / self.sigma
 
 
@@ -164,7 +167,9 @@ class ScoreModel:
     - ``net``: a callable ``net(x_in, t_in) -> Tensor`` shaped like ``x_in`` (a
       ``torch.nn.Module`` or any function); with ``cond`` it is called
       ``net(x_in, t_in, cond)``.
-    - ``sde``: the :class:`~scoresde.sde.LinearSDE` it was trained for.
+    - ``sde``: the :class:`~scoresde.sde.LinearSDE` it was trained for; a general
+      :class:`~scoresde.sde.SDE` is accepted with ``prediction="score"`` (then only
+      :meth:`score` exists, for Euler--Maruyama, predictor--corrector and ``pf_ode``).
     - ``prediction``: ``"eps" | "x0" | "v" | "score" | "edm" | "flow"``.
     - ``sigma_data``: EDM's data standard deviation (only for ``"edm"``).
     - ``time_input``: what the network receives as ``t_in`` (shape ``[B]``, in x's dtype):
@@ -183,13 +188,20 @@ class ScoreModel:
                  cond: Any = None):
         if not callable(net):
             raise TypeError(f"net must be callable, got {type(net).__name__}")
-        if not isinstance(sde, LinearSDE):
-            raise TypeError(
-                f"sde must be a LinearSDE (the parameterisations need alpha(t), sigma(t)); got {type(sde).__name__}"
-            )
+        if not isinstance(sde, SDE):
+            raise TypeError(f"sde must be a scoresde SDE, got {type(sde).__name__}")
+        self.prediction = Prediction.parse(prediction)
+        self.linear = isinstance(sde, LinearSDE)
+        if not self.linear:
+            if self.prediction is not Prediction.SCORE:
+                raise TypeError(
+                    f"sde must be a LinearSDE for prediction={self.prediction.value!r} (the parameterisations "
+                    f"need alpha(t), sigma(t)); got {type(sde).__name__}. A general SDE takes prediction='score'"
+                )
+            if time_input is not None and not callable(time_input) and time_input != "t":
+                raise TypeError(f"time_input={time_input!r} needs a LinearSDE; got {type(sde).__name__}")
         self.net = net
         self.sde = sde
-        self.prediction = Prediction.parse(prediction)
         self.sigma_data = check_positive_float(sigma_data, "sigma_data")
         if time_input is None:
             time_input = "c_noise" if self.prediction is Prediction.EDM else "t"
@@ -307,6 +319,8 @@ class ScoreModel:
             t64 = self.sde.check_time(t, batch=x.shape[0]).to(x.device)
         else:
             t64 = t
+        if not self.linear:  # general SDE: the network is the score itself
+            return Denoised(None, None, None, None, self._call_net(x, self._time_input(t64, x.shape[0], x)))
         c = _coefficients(self.sde, t64, x, self._need_derivs)
         if self.prediction is Prediction.EDM:
             sh = c.sigma / c.alpha
@@ -318,12 +332,19 @@ class ScoreModel:
         return Denoised(x0, eps, c.alpha, c.sigma)
 
     # ------------------------------------------------------- public views
+    def _need_linear(self, what: str) -> None:
+        if not self.linear:
+            raise TypeError(f"model.{what} needs a LinearSDE (alpha, sigma); {type(self.sde).__name__} "
+                            "only has the score")
+
     def eps(self, x: Tensor, t: Any) -> Tensor:
         r"""Predicted noise :math:`\epsilon` at ``(x, t)``."""
+        self._need_linear("eps")
         return self.evaluate(x, t).eps
 
     def x0(self, x: Tensor, t: Any) -> Tensor:
         r"""Predicted data :math:`x_0 = E[x_0 \mid x_t = x]`."""
+        self._need_linear("x0")
         return self.evaluate(x, t).x0
 
     def score(self, x: Tensor, t: Any) -> Tensor:
@@ -332,6 +353,7 @@ class ScoreModel:
 
     def v(self, x: Tensor, t: Any) -> Tensor:
         r""":math:`v = (\alpha_t\epsilon - \sigma_t x_0)/\sqrt{\alpha_t^2+\sigma_t^2}`."""
+        self._need_linear("v")
         d = self.evaluate(x, t)
         return (d.alpha * d.eps - d.sigma * d.x0) / torch.sqrt(d.alpha ** 2 + d.sigma ** 2)
 

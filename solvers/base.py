@@ -109,8 +109,8 @@ class CheckedModel:
                              f"t={float(t64.reshape(-1)[0]):.6g}")
             raise
         if self.check_finite:
-            bad = ~torch.isfinite(d.x0)
-            if d.x0.device.type == "cpu":
+            bad = ~torch.isfinite(d.x0 if d.x0 is not None else d.score)
+            if bad.device.type == "cpu":
                 if bool(bad.any()):
                     self._raise(bad, t64)
             else:
@@ -301,7 +301,10 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
     - ``final_denoise``: after the last step return the Tweedie estimate :math:`\\hat x_0` at
       ``t_end`` (one more NFE, counted).
     - ``nonfinite``: ``"raise"`` (:class:`NonFiniteError` naming step, t and samples) or
-      ``"return"`` (stop and return the partial solution with ``stats["status"]``).
+      ``"return"`` (stop and return the partial solution with ``stats["status"]``: on the CPU
+      the state before the failing step; on CUDA the check is deferred to the end of the loop,
+      which never synchronises, so the final state is returned and the message names the
+      first failing step).
     - ``callback``: called after every step with a :class:`StepInfo`.
 
     **Returns:** a :class:`Solution`.  Runs under ``torch.no_grad()``.
@@ -332,6 +335,7 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
 def _trivial_solution(x_T: Tensor, grid: TimeGrid, return_trajectory: bool, stats: dict) -> Solution:
     """An empty batch or a zero-length interval: ``x_T`` itself (a copy), no network call.
     The trajectory keeps its documented shape ``[len(timesteps), *x_T.shape]``."""
+    x_T = x_T.detach()
     traj = x_T.unsqueeze(0).expand(grid.t.numel(), *x_T.shape).clone() if return_trajectory else None
     return Solution(x_T.clone(), 0, grid.t, traj, stats)
 
@@ -348,7 +352,7 @@ def integrate(solver: Solver, model: ScoreModel, x_T: Tensor, grid: TimeGrid, *,
     stats: dict = {"solver": solver.name, "schedule": grid.schedule, "status": "success"}
     if x_T.shape[0] == 0 or grid.t_start == grid.t_end:
         return _trivial_solution(x_T, grid, return_trajectory, {**stats, "orders": []})
-    x = x_T.to(_state_dtype(x_T), copy=True)
+    x = x_T.detach().to(_state_dtype(x_T), copy=True)      # never in a graph, never the caller's tensor
     ev = CheckedModel(model, grid.steps, check_finite=True)
     traj = [x] if return_trajectory else None
     with torch.no_grad():

@@ -43,26 +43,36 @@ class _DPMSolverEps(ExponentialSinglestep):
     - k = 3, :math:`r_1 = \tfrac13, r_2 = \tfrac23`: DPM-Solver-3 (Algorithm 2 of Lu et al. 2022a).
     """
 
-    def combine(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, k: int) -> Tensor:
-        st = tab.stages[i]
-        a_s, s_s, a_t, s_t = st["a_s"], st["s_s"], st["a_t"], st["s_t"]
-        h = st["h"]
-        eps_s = model.evaluate(x, tab.t64[i]).eps
+    def stage_coefficients(self, st: dict, k: int) -> tuple[float, ...]:
+        a_s, a_t, s_t, h = st["a_s"], st["a_t"], st["s_t"], st["h"]
         phi_h = math.expm1(h)
+        out = (a_t / a_s, s_t * phi_h)                                  # x_t = out[0] x - out[1] eps_s - ...
         if k == 1:
-            return (a_t / a_s) * x - (s_t * phi_h) * eps_s
+            return out
         if k == 2:
             (r1,), (a1,), (s1,) = st["r"], st["alpha"], st["sigma"]
-            u = (a1 / a_s) * x - (s1 * math.expm1(r1 * h)) * eps_s
-            eps_1 = model.evaluate(u, st["t64"][0]).eps
-            return (a_t / a_s) * x - (s_t * phi_h) * eps_s - (s_t / (2.0 * r1) * phi_h) * (eps_1 - eps_s)
+            return out + (a1 / a_s, s1 * math.expm1(r1 * h), s_t / (2.0 * r1) * phi_h)
         (r1, r2), (a1, a2), (s1, s2) = st["r"], st["alpha"], st["sigma"]
-        u1 = (a1 / a_s) * x - (s1 * math.expm1(r1 * h)) * eps_s
-        d1_1 = model.evaluate(u1, st["t64"][0]).eps - eps_s
         phi_r2 = math.expm1(r2 * h)
-        u2 = (a2 / a_s) * x - (s2 * phi_r2) * eps_s - (s2 * r2 / r1 * (phi_r2 / (r2 * h) - 1.0)) * d1_1
+        return out + (a1 / a_s, s1 * math.expm1(r1 * h),
+                      a2 / a_s, s2 * phi_r2, s2 * r2 / r1 * (phi_r2 / (r2 * h) - 1.0),
+                      s_t / r2 * (phi_h / h - 1.0))
+
+    def combine(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, k: int) -> Tensor:
+        st = tab.stages[i]
+        c = st["c"]
+        eps_s = model.evaluate(x, tab.t64[i]).eps
+        if k == 1:
+            return c[0] * x - c[1] * eps_s
+        if k == 2:
+            u = c[2] * x - c[3] * eps_s
+            eps_1 = model.evaluate(u, st["t64"][0]).eps
+            return c[0] * x - c[1] * eps_s - c[4] * (eps_1 - eps_s)
+        u1 = c[2] * x - c[3] * eps_s
+        d1_1 = model.evaluate(u1, st["t64"][0]).eps - eps_s
+        u2 = c[4] * x - c[5] * eps_s - c[6] * d1_1
         d1_2 = model.evaluate(u2, st["t64"][1]).eps - eps_s
-        return (a_t / a_s) * x - (s_t * phi_h) * eps_s - (s_t / r2 * (phi_h / h - 1.0)) * d1_2
+        return c[0] * x - c[1] * eps_s - c[7] * d1_2
 
 
 @register("dpm_solver_1")
@@ -105,18 +115,23 @@ class DPMSolverPP2S(ExponentialSinglestep):
 
     order: ClassVar[int] = 2
 
+    def stage_coefficients(self, st: dict, k: int) -> tuple[float, ...]:
+        s_s, a_t, s_t, h = st["s_s"], st["a_t"], st["s_t"], st["h"]
+        out = (s_t / s_s, a_t * math.expm1(-h))                         # x_t = out[0] x - out[1] d
+        if k == 1:
+            return out
+        (r,), (a1,), (s1,) = st["r"], st["alpha"], st["sigma"]
+        return out + (s1 / s_s, a1 * math.expm1(-r * h), 1.0 - 0.5 / r, 0.5 / r)
+
     def combine(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, k: int) -> Tensor:
         st = tab.stages[i]
-        s_s, a_t, s_t, h = st["s_s"], st["a_t"], st["s_t"], st["h"]
+        c = st["c"]
         x0_s = model.evaluate(x, tab.t64[i]).x0
-        phi_h = math.expm1(-h)
         if k == 1:
-            return (s_t / s_s) * x - (a_t * phi_h) * x0_s
-        (r,), (a1,), (s1,) = st["r"], st["alpha"], st["sigma"]
-        u = (s1 / s_s) * x - (a1 * math.expm1(-r * h)) * x0_s
+            return c[0] * x - c[1] * x0_s
+        u = c[2] * x - c[3] * x0_s
         x0_1 = model.evaluate(u, st["t64"][0]).x0
-        d = (1.0 - 0.5 / r) * x0_s + (0.5 / r) * x0_1
-        return (s_t / s_s) * x - (a_t * phi_h) * d
+        return c[0] * x - c[1] * (c[4] * x0_s + c[5] * x0_1)
 
 
 # ----------------------------------------------------------------- multistep (x0)
@@ -190,21 +205,22 @@ class DPMSolverPP3M(ExponentialMultistep):
             t_mid = sde._t_of_log_snr(torch.tensor(lam0 + lam1, dtype=torch.float64))  # lambda midpoint
             c = sde.coefficients(t_mid.reshape(1))
             # the fraction actually reached (round-off of the inverse), as in ExponentialSinglestep
-            r = (0.5 * float(c["log_snr"][0]) - lam0) / (lam1 - lam0)
-            tab.warm = dict(t64=t_mid.to(like.device), alpha=float(c["alpha"][0]), sigma=float(c["sigma"][0]),
-                            h=lam1 - lam0, r=r)
+            h = lam1 - lam0
+            r = (0.5 * float(c["log_snr"][0]) - lam0) / h
+            s_s, a_t, s_t = float(tab.sigma64[0]), float(tab.alpha64[1]), float(tab.sigma64[1])
+            # DPM-Solver++(2S) coefficients (as DPMSolverPP2S.stage_coefficients), once per call
+            tab.warm = dict(t64=t_mid.to(like.device), c=(
+                s_t / s_s, a_t * math.expm1(-h), float(c["sigma"][0]) / s_s,
+                float(c["alpha"][0]) * math.expm1(-r * h), 1.0 - 0.5 / r, 0.5 / r))
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, hist: History, tab: StepTable, noise) -> tuple:
         if i == 0 and self.warmup == "singlestep":
-            w = tab.warm
-            s_s, a_t, s_t, h = float(tab.sigma64[0]), float(tab.alpha64[1]), float(tab.sigma64[1]), w["h"]
+            c = tab.warm["c"]
             x0_s = model.evaluate(x, tab.t64[0]).x0
-            r = w["r"]
-            u = (w["sigma"] / s_s) * x - (w["alpha"] * math.expm1(-r * h)) * x0_s
-            x0_1 = model.evaluate(u, w["t64"]).x0
-            d = (1.0 - 0.5 / r) * x0_s + (0.5 / r) * x0_1       # DPM-Solver++(2S); = x0_1 at r = 1/2
-            return (s_t / s_s) * x - (a_t * math.expm1(-h)) * d, hist.push(x0_s, self.keep())
+            u = c[2] * x - c[3] * x0_s
+            x0_1 = model.evaluate(u, tab.warm["t64"]).x0
+            return c[0] * x - c[1] * (c[4] * x0_s + c[5] * x0_1), hist.push(x0_s, self.keep())
         return super().step(model, i, x, hist, tab, noise)
 
 

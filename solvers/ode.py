@@ -74,6 +74,12 @@ class Heun(Solver):
     def expected_nfe(self, steps: int) -> int:
         return 2 * steps - (1 if self.last_step_euler else 0)
 
+    def stats(self, table: StepTable) -> dict:
+        orders = [2] * table.steps
+        if self.last_step_euler and orders:
+            orders[-1] = 1
+        return {"orders": orders}
+
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
         tab = super().prepare(sde, grid, like)
         s_hat = tab.sigma64 / tab.alpha64
@@ -209,7 +215,7 @@ class PFODE(Solver):
         if notes:
             stats["warnings"] = notes
         stats.update(rtol=rtol, atol=atol)
-        x = x_T.to(dtype, copy=True)
+        x = x_T.detach().to(dtype, copy=True)
         ev = CheckedModel(model, None, check_finite=True)
         drift = pf_ode_drift(model, ev, x)
         t_lo, t_hi = min(grid.t_start, grid.t_end), max(grid.t_start, grid.t_end)

@@ -76,7 +76,8 @@ def check_timesteps(timesteps: Any, sde: SDE) -> Tensor:
     if bool((diffs > 0).all()) and t.numel() > 1:
         raise ValueError(
             "timesteps must be strictly decreasing (sampling runs from T down to t_end); got an increasing "
-            f"grid {float(t[0]):.6g} -> {float(t[-1]):.6g}. Encoding (data -> latent) is solvers.encode"
+            f"grid {float(t[0]):.6g} -> {float(t[-1]):.6g} (sample() only integrates towards the data; "
+            "reverse the grid)"
         )
     nondec = torch.nonzero(diffs >= 0).flatten()
     if nondec.numel():

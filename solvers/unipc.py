@@ -1,7 +1,7 @@
 r"""UniPC: the unified predictor-corrector multistep method, in data prediction.
 
 Zhao, Bai, Rao, Zhou & Lu 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast
-Sampling of Diffusion Models" (NeurIPS), Algorithms 1-3 (the ``B(h)`` form, "UniPC_bh").
+Sampling of Diffusion Models" (NeurIPS), Sec. 3 (UniP-p, UniC-p in the ``B(h)`` form).
 Written in :math:`\lambda = \log(\alpha/\sigma)` over any LinearSDE (the reference code is
 VP-only); all coefficients are solved once per call in float64 in :meth:`UniPC.prepare`.
 """
@@ -58,7 +58,7 @@ def unipc_rhos(rks: list[float], h: float, variant: str, corrector: bool) -> tup
 @register("unipc")
 @dataclass
 class UniPC(ExponentialMultistep):
-    r"""UniPC (Zhao et al. 2023, Algorithms 2-3, ``B(h)`` variants): the UniP-p predictor with
+    r"""UniPC (Zhao et al. 2023, Sec. 3, ``B(h)`` variants): the UniP-p predictor with
     the UniC corrector, in data prediction, one NFE per step.
 
     Step i goes from :math:`t_i` to :math:`t_{i+1}`, :math:`h = \lambda_{i+1}-\lambda_i`,
@@ -87,9 +87,14 @@ class UniPC(ExponentialMultistep):
     final steps of decreasing order, which lowers the global order to at most 2).
 
     **Order:** UniP-p alone has local error :math:`O(h^{p+1})`, UniPC-p :math:`O(h^{p+2})`
-    (paper, Theorem 3.1 and Corollary 3.2).  The global order (:attr:`expected_order`) is capped
-    by the first step (order 1, corrected: local :math:`O(h^3)`) and the uncorrected last step:
-    with the corrector 2, 3, 3 for p = 1, 2, 3; without it 1, 2, 2.
+    (Zhao et al. 2023, Sec. 3: UniC raises the order by one).  The global order
+    (:attr:`expected_order`) is capped by the first step (order 1, corrected: local
+    :math:`O(h^3)`) and the uncorrected last step: with the corrector 2, 3, 3 for p = 1, 2, 3;
+    without it 1, 2, 2.  When sampling from T the first step's error is scaled by the
+    derivatives of :math:`\hat x_0` near T, :math:`O(e^{\lambda_T})` (alpha_T/sigma_T), so over
+    the step counts float64 resolves UniPC-3 shows the order 4 of its corrected steps
+    (measured 3.9-4.0 on the Gaussian problem); started where alpha and sigma are both O(1),
+    it shows 3.  NFE per step: 1 (nfe == steps).
     """
 
     order: int = 3
@@ -105,9 +110,8 @@ class UniPC(ExponentialMultistep):
             raise ValueError(f"order must be one of {allowed} for unipc; got {self.order!r}")
         if not isinstance(self.variant, str) or self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}; got {self.variant!r}")
-        for name in ("use_corrector", "lower_order_final"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.use_corrector, bool):
+            raise TypeError(f"use_corrector must be a bool, got {self.use_corrector!r}")
 
     @property
     def expected_order(self) -> int:

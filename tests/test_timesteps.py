@@ -238,3 +238,17 @@ def test_any_valid_explicit_grid_is_used_as_given(n, seed):
     model, net, x = _setup()
     sol = solvers.sample(model, x, "euler", timesteps=ts.tolist())
     assert torch.equal(sol.timesteps, ts) and sol.nfe == n - 1 == net.n
+
+
+@given(n=st.integers(3, 30), seed=st.integers(0, 2 ** 31 - 1), bad=st.integers(1, 1000))
+def test_invalid_grid_property(n, seed, bad):
+    """RELIABILITY 4.6: a grid with a point moved out of order raises a ValueError naming
+    timesteps and the first offending index; nothing reaches the net; x_T is untouched."""
+    g = torch.Generator().manual_seed(seed)
+    ts = torch.rand(n, generator=g, dtype=F64).sort(descending=True).values * 0.9 + 0.05
+    j = 1 + bad % (n - 1)
+    ts[j] = ts[j - 1] + 0.01 * (bad % 7)          # >= its predecessor: not strictly decreasing
+    first = int(torch.nonzero(ts[1:] >= ts[:-1]).flatten()[0]) + 1
+    if bool((ts[1:] >= ts[:-1]).all()):
+        return                                    # (an increasing grid: another message)
+    _rejects(ValueError, rf"timesteps\[{first}\]=.* >= timesteps\[{first - 1}\]", ts.tolist())

@@ -1,13 +1,18 @@
-"""The accuracy suite: every deterministic solver against the exact probability-flow map.
+"""The accuracy suite: every deterministic solver against exact answers.
 
-Problem: a d=4 Gaussian (mean != 0, covariance eigenvalues spread over two decades) whose
-probability-flow map from T to t_end is known in closed form (``Gaussian.flow``).  For each
-method and SDE the suite runs a doubling ladder of step counts in float64, measures the RMS
-error against the exact map, fits the convergence order on the asymptotic part of the
-ladder (the last three points above the round-off floor), and compares it with theory.
-It also checks the analytic layer itself (score vs autograd, flow round trip, t_of_log_snr).
+Problems: a d=4 Gaussian (mean != 0, covariance eigenvalues spread over two decades) whose
+probability-flow map from T to t_end is known in closed form (``Gaussian.flow``), and a 2-D
+anisotropic, well-separated Gaussian mixture against a tight ``pf_ode`` reference
+(rtol = atol = 1e-11).  For each method and SDE the suite runs a doubling ladder of step
+counts in float64, measures the RMS error, fits the convergence order on the asymptotic
+part of the ladder (the last three points above the round-off floor), and compares it with
+theory.  It also checks the analytic layer (score vs autograd, flow round trip,
+t_of_log_snr).
 
-Gate: exit status 1 if any fitted order misses theory by more than ``--tol`` (0.3).
+Gate (exit status 1, each failure listed): on the mixture the fitted order must lie within
+``--tol`` (0.3) of theory (up to a proven ceiling such as UniPC's p + 1); on the Gaussian it
+must not fall below theory - tol (some third-order multistep methods superconverge there:
+dpmpp_3m measures 4.0 on VP).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class MethodSpec:
     options: dict = field(default_factory=dict)
     schedule: str = "log_snr"
     ladder: tuple = (16, 32, 64, 128)
+    max_order: float | None = None  # a proven ceiling above ``order`` (UniPC's corrector: p + 1)
 
     @property
     def label(self) -> str:
@@ -50,7 +56,9 @@ METHODS = [
     MethodSpec("dpmpp_2m", 2),
     MethodSpec("dpm_solver_3", 3, {"allocation": "fixed"}, ladder=(24, 48, 96, 192)),
     MethodSpec("dpmpp_3m", 3, {"warmup": "singlestep"}, ladder=(32, 64, 128, 256)),
-    MethodSpec("unipc", 3, {"order": 3}, ladder=(32, 64, 128, 256)),
+    # UniPC-3: the corrector lifts the corrected steps to order 4; the first-order warm-up caps the
+    # global order at 3, but from t = T that cap sits below the float64 floor, so 3 to 4 is expected
+    MethodSpec("unipc", 3, {"order": 3}, ladder=(32, 64, 128, 256), max_order=4),
 ]
 
 SDES = {
@@ -106,7 +114,7 @@ def analytic_checks(sde_names) -> list[dict]:
 
 
 def run(args) -> int:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # the problems are tiny: one thread is fastest and unaffected by load
     avail = set(solvers.available_methods())
     methods = [m for m in METHODS if m.name in avail and (not args.methods or m.name in args.methods)]
     sde_names = args.sdes or (["vp", "ve"] if args.quick else list(SDES))
@@ -149,7 +157,9 @@ def run(args) -> int:
                              **({"allocation": "fast"} if "allocation" in spec.options else {}))[0]
                 # an order above theory is not a defect (the Gaussian flow lets some 3rd-order
                 # multistep methods superconverge); on the mixture the order must match theory
-                ok = abs(order - spec.order) <= args.tol if exact_order else order >= spec.order - args.tol
+                top = spec.max_order if spec.max_order is not None else spec.order
+                ok = (spec.order - args.tol <= order <= top + args.tol) if exact_order \
+                    else order >= spec.order - args.tol
                 row = dict(sde=key, problem=pname, method=spec.label, theory=spec.order, fitted=order, ok=ok,
                            steps=list(ladder), nfe=list(nfes), errors=list(errs), error_at_10_nfe=e10)
                 results.append(row)
