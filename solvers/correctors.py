@@ -35,7 +35,7 @@ def _alpha_factor(sde: SDE, grid: TimeGrid) -> Tensor:
     """score_sde's ``alpha`` of the Langevin step at each grid time: :math:`(\\alpha_i/\\alpha_{i+1})^2`
     in float64 (1 for alpha = 1, i.e. VE/EDM; 1 for a general SDE)."""
     t64 = grid.t
-    if not isinstance(sde, LinearSDE):  # pragma: no cover - ScoreModel only accepts LinearSDEs today
+    if not isinstance(sde, LinearSDE):
         return torch.ones(grid.steps, dtype=torch.float64)
     la = sde._log_alpha(t64)
     return torch.exp(2.0 * (la[:-1] - la[1:]))
@@ -69,7 +69,12 @@ class LangevinCorrector(Corrector):
     norms over all non-batch dimensions of sample b.  score_sde uses the **batch means** of
     the two norms, which makes every sample depend on the rest of the batch; here sample b's
     step depends only on sample b (a deliberate deviation; for a batch of identical
-    statistics the two agree).  1 NFE per corrector step."""
+    statistics the two agree).  The ratio is a good step-size estimate only when the norms
+    concentrate, i.e. in high dimension: on a d = 64 Gaussian (VP, 20 reverse-diffusion
+    steps, snr 0.16) the corrector lowers the variance error from 0.101 to 0.086, while on a
+    d = 3 Gaussian it raises the covariance error from 0.19 to 0.84 (a sample near the mode
+    has a small score and gets a huge step).  ``annealed_langevin`` has no such issue.
+    1 NFE per corrector step."""
 
     name: ClassVar[str] = "langevin"
 
@@ -97,7 +102,7 @@ class AnnealedLangevin(Corrector):
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor, tab: StepTable) -> None:
         if isinstance(sde, LinearSDE):
             sigma = sde.coefficients(grid.t[:-1])["sigma"]
-        else:  # pragma: no cover
+        else:  # pragma: no cover - pc declares requires_linear_sde for this corrector
             raise TypeError(f"annealed_langevin needs a LinearSDE (sigma(t)); got {type(sde).__name__}")
         eps = 2.0 * _alpha_factor(sde, grid) * (self.snr * sigma) ** 2
         tab.corr_step = eps.to(dtype=like.dtype, device=like.device)
