@@ -54,26 +54,42 @@ def median_time(fn, device, repeats):
 
 
 def run_case(label, model, x_T, device, steps, repeats, methods):
+    """Paired measurement: each repeat times one sampling call and, right after it, ``nfe``
+    plain network calls on the same batch; the ratio is taken per pair and the median
+    reported, so that drift in machine speed cancels."""
     t_vec = torch.full((x_T.shape[0],), 0.5, dtype=x_T.dtype, device=device)
-    with torch.no_grad():
-        t_call = median_time(lambda: model.net(x_T, t_vec), device, repeats * 5)
+
+    def calls(n):
+        with torch.no_grad():
+            for _ in range(n):
+                model.net(x_T, t_vec)
+
+    t_call = median_time(lambda: calls(1), device, repeats * 3)
     print(f"\n{label}: one model call = {t_call * 1e3:.3f} ms")
-    print(f"{'method':16s} {'nfe':>5s} {'total ms':>10s} {'ratio':>7s}")
+    print(f"{'method':18s} {'nfe':>5s} {'total ms':>10s} {'nfe calls ms':>13s} {'ratio':>7s}")
     avail = set(solvers.available_methods())
     ratios = {}
     for m in methods:
         if m not in avail:
             continue
         gen = torch.Generator(device="cpu").manual_seed(0)
-        res = {}
-
-        def go():
-            res["sol"] = solvers.sample(model, x_T, m, steps, generator=gen)
-
-        t_tot = median_time(go, device, repeats)
-        nfe = res["sol"].nfe
-        ratios[m] = t_tot / (nfe * t_call)
-        print(f"{m:16s} {nfe:5d} {t_tot * 1e3:10.2f} {ratios[m]:7.3f}")
+        sol = solvers.sample(model, x_T, m, steps, generator=gen)  # warm-up, and the nfe
+        nfe = sol.nfe
+        pairs = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            solvers.sample(model, x_T, m, steps, generator=gen)
+            sync(device)
+            t1 = time.perf_counter()
+            calls(nfe)
+            sync(device)
+            t2 = time.perf_counter()
+            pairs.append((t1 - t0, t2 - t1))
+        ratio = statistics.median(a / b for a, b in pairs)
+        ratios[m] = ratio
+        print(f"{m:18s} {nfe:5d} {statistics.median(p[0] for p in pairs) * 1e3:10.2f} "
+              f"{statistics.median(p[1] for p in pairs) * 1e3:13.2f} {ratio:7.3f}")
     return ratios
 
 

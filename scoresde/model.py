@@ -27,6 +27,7 @@ guidance evaluates the conditional and unconditional branches in one doubled bat
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from enum import Enum
@@ -68,10 +69,10 @@ class Prediction(str, Enum):
 class Coefficients:
     """Schedule values at the evaluation time(s), broadcastable against ``x``."""
 
-    alpha: Tensor
-    sigma: Tensor
-    dalpha: Tensor | None = None   # d alpha / dt   (flow)
-    dsigma: Tensor | None = None   # d sigma / dt   (flow)
+    alpha: Tensor | float
+    sigma: Tensor | float
+    dalpha: Tensor | float | None = None   # d alpha / dt   (flow)
+    dsigma: Tensor | float | None = None   # d sigma / dt   (flow)
 
 
 def _coefficients(sde: LinearSDE, t64: Tensor, x: Tensor, need_derivatives: bool) -> Coefficients:
@@ -98,7 +99,7 @@ def from_prediction(prediction: Prediction | str, x: Tensor, out: Tensor, c: Coe
         return (x - s * eps) / a, eps
     if p is Prediction.V:
         r2 = a * a + s * s
-        r = torch.sqrt(r2)
+        r = r2 ** 0.5
         return (a * x - s * r * out) / r2, (s * x + a * r * out) / r2
     if p is Prediction.FLOW:
         det = a * c.dsigma - s * c.dalpha
@@ -106,7 +107,7 @@ def from_prediction(prediction: Prediction | str, x: Tensor, out: Tensor, c: Coe
     # EDM
     sh = s / a
     d2 = sh * sh + sigma_data ** 2
-    x0 = (sigma_data ** 2 / d2) * (x / a) + (sh * sigma_data / torch.sqrt(d2)) * out
+    x0 = (sigma_data ** 2 / d2) * (x / a) + (sh * sigma_data / d2 ** 0.5) * out
     return x0, (x - a * x0) / s
 
 
@@ -122,29 +123,76 @@ def to_prediction(prediction: Prediction | str, x: Tensor, x0: Tensor, eps: Tens
     if p is Prediction.SCORE:
         return -eps / s
     if p is Prediction.V:
-        return (a * eps - s * x0) / torch.sqrt(a * a + s * s)
+        return (a * eps - s * x0) / (a * a + s * s) ** 0.5
     if p is Prediction.FLOW:
         return c.dalpha * x0 + c.dsigma * eps
     sh = s / a
     d2 = sh * sh + sigma_data ** 2
-    return (x0 - (sigma_data ** 2 / d2) * (x / a)) / (sh * sigma_data / torch.sqrt(d2))
+    return (x0 - (sigma_data ** 2 / d2) * (x / a)) / (sh * sigma_data / d2 ** 0.5)
 
 
-@dataclass(frozen=True)
 class Denoised:
-    """One evaluation of the model: the data and noise predictions and the schedule
-    values they were converted with (all broadcastable against ``x``)."""
+    """One evaluation of the model.  ``x0``, ``eps`` and ``score`` are converted from the raw
+    network output ``raw`` on first access (so a solver that needs only eps pays nothing for
+    x0); ``alpha`` and ``sigma`` are the schedule values used (tensors broadcastable against
+    ``x``, or Python floats when one time was shared by the whole batch).  For a general SDE
+    only ``score`` exists."""
 
-    x0: Tensor | None
-    eps: Tensor | None
-    alpha: Tensor | None
-    sigma: Tensor | None
-    score_value: Tensor | None = None  # set for a general (non-linear) SDE: only the score exists
+    __slots__ = ("x", "raw", "prediction", "coefficients", "sigma_data", "_x0", "_eps", "score_value")
+
+    def __init__(self, x: Tensor, raw: Tensor, prediction: "Prediction | None", coefficients: "Coefficients | None",
+                 sigma_data: float = 0.5, score_value: Tensor | None = None):
+        self.x, self.raw, self.prediction, self.coefficients = x, raw, prediction, coefficients
+        self.sigma_data, self.score_value = sigma_data, score_value
+        self._x0 = self._eps = None
+
+    def _convert(self) -> None:
+        self._x0, self._eps = from_prediction(self.prediction, self.x, self.raw, self.coefficients, self.sigma_data)
+
+    @property
+    def x0(self) -> Tensor | None:
+        if self.coefficients is None:
+            return None
+        if self._x0 is None:
+            p = self.prediction
+            if p is Prediction.X0:
+                self._x0 = self.raw
+            elif p is Prediction.EPS and isinstance(self.coefficients.alpha, float):
+                c = self.coefficients  # fused: (x - sigma eps)/alpha in two passes
+                self._x0 = torch.add(self.x, self.raw, alpha=-c.sigma).mul_(1.0 / c.alpha)
+            else:
+                self._convert()
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor | None:
+        if self.coefficients is None:
+            return None
+        if self._eps is None:
+            p = self.prediction
+            if p is Prediction.EPS:
+                self._eps = self.raw
+            elif p is Prediction.X0 and isinstance(self.coefficients.alpha, float):
+                c = self.coefficients
+                self._eps = torch.add(self.x, self.raw, alpha=-c.alpha).mul_(1.0 / c.sigma)
+            else:
+                self._convert()
+        return self._eps
+
+    @property
+    def alpha(self):
+        return None if self.coefficients is None else self.coefficients.alpha
+
+    @property
+    def sigma(self):
+        return None if self.coefficients is None else self.coefficients.sigma
 
     @property
     def score(self) -> Tensor:
         if self.score_value is not None:
             return self.score_value
+        if self.prediction is Prediction.SCORE:
+            return self.raw
         return -self.eps / self.sigma
 
 
@@ -214,6 +262,7 @@ class ScoreModel:
         self.cond = cond
         self._guidance: tuple[Any, float] | None = None
         self._counter = _Counter()
+        self._scalar_cache: dict = {}
         self._warned_train = False
         self._need_derivs = self.prediction is Prediction.FLOW
 
@@ -320,16 +369,41 @@ class ScoreModel:
         else:
             t64 = t
         if not self.linear:  # general SDE: the network is the score itself
-            return Denoised(None, None, None, None, self._call_net(x, self._time_input(t64, x.shape[0], x)))
-        c = _coefficients(self.sde, t64, x, self._need_derivs)
+            out = self._call_net(x, self._time_input(t64, x.shape[0], x))
+            return Denoised(x, out, None, None, score_value=out)
+        if not validate and t64.ndim == 0 and t64.device.type == "cpu" and not callable(self.time_input):
+            # one time for the whole batch (the solvers' case): schedule values as Python floats,
+            # cached per time, so the loop runs no schedule kernels and never synchronises
+            c, t_in_value = self._scalar_coefficients(t64)
+            t_in = torch.full((x.shape[0],), t_in_value, dtype=x.dtype, device=x.device)
+        else:
+            c = _coefficients(self.sde, t64.to(x.device), x, self._need_derivs)
+            t_in = self._time_input(t64.to(x.device), x.shape[0], x)
         if self.prediction is Prediction.EDM:
             sh = c.sigma / c.alpha
-            x_in = x / (c.alpha * torch.sqrt(sh * sh + self.sigma_data ** 2))
+            x_in = x * (1.0 / (c.alpha * (sh * sh + self.sigma_data ** 2) ** 0.5))
         else:
             x_in = x
-        out = self._call_net(x_in, self._time_input(t64, x.shape[0], x))
-        x0, eps = from_prediction(self.prediction, x, out, c, self.sigma_data)
-        return Denoised(x0, eps, c.alpha, c.sigma)
+        out = self._call_net(x_in, t_in)
+        return Denoised(x, out, self.prediction, c, self.sigma_data)
+
+    def _scalar_coefficients(self, t64: Tensor) -> tuple[Coefficients, float]:
+        key = float(t64)
+        hit = self._scalar_cache.get(key)
+        if hit is not None:
+            return hit
+        sde = self.sde
+        a, s = math.exp(float(sde._log_alpha(t64))), math.exp(float(sde._log_sigma(t64)))
+        if self._need_derivs:
+            f, g2 = float(sde._f(t64)), float(sde._g2(t64))
+            c = Coefficients(a, s, f * a, (g2 + 2.0 * f * s * s) / (2.0 * s))
+        else:
+            c = Coefficients(a, s)
+        t_in = float(self._time_input(t64, 1, torch.empty(0, dtype=torch.float64))[0])
+        if len(self._scalar_cache) > 4096:
+            self._scalar_cache.clear()
+        self._scalar_cache[key] = (c, t_in)
+        return c, t_in
 
     # ------------------------------------------------------- public views
     def _need_linear(self, what: str) -> None:
@@ -355,7 +429,7 @@ class ScoreModel:
         r""":math:`v = (\alpha_t\epsilon - \sigma_t x_0)/\sqrt{\alpha_t^2+\sigma_t^2}`."""
         self._need_linear("v")
         d = self.evaluate(x, t)
-        return (d.alpha * d.eps - d.sigma * d.x0) / torch.sqrt(d.alpha ** 2 + d.sigma ** 2)
+        return (d.alpha * d.eps - d.sigma * d.x0) / (d.alpha ** 2 + d.sigma ** 2) ** 0.5
 
     def __repr__(self) -> str:
         return f"ScoreModel(net={type(self.net).__name__}, sde={self.sde!r}, prediction={self.prediction.value!r})"

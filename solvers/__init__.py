@@ -14,6 +14,7 @@ from .sde_samplers import AdaptiveSDE, Ancestral, EulerMaruyama, ReverseDiffusio
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from . import unipc  # noqa: F401
 from .unipc import UniPC
+from .likelihood import LikelihoodResult, bits_per_dim, encode, log_likelihood
 
 __all__ = [
     "sample", "available_methods", "get", "register", "Solution", "Solver", "SolverError",
@@ -21,4 +22,5 @@ __all__ = [
     "SCHEDULES", "TimeGrid", "make_grid", "UniPC",
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "AdaptiveSDE",
     "LangevinCorrector", "AnnealedLangevin", "PredictorCorrector",
+    "log_likelihood", "bits_per_dim", "encode", "LikelihoodResult",
 ]

@@ -108,12 +108,15 @@ class CheckedModel:
                 err.add_note(f"scoresde: raised by the model at {self.where()}, "
                              f"t={float(t64.reshape(-1)[0]):.6g}")
             raise
-        if self.check_finite:
-            bad = ~torch.isfinite(d.x0 if d.x0 is not None else d.score)
-            if bad.device.type == "cpu":
-                if bool(bad.any()):
-                    self._raise(bad, t64)
+        if self.check_finite:  # on the raw network output: one reduction pass on the CPU
+            raw = d.raw
+            if raw.device.type == "cpu":
+                if raw.numel() and not bool(torch.isfinite(raw.sum())):
+                    bad = ~torch.isfinite(raw)
+                    if bool(bad.any()):  # (a finite sum overflow is not an error)
+                        self._raise(bad, t64)
             else:
+                bad = ~torch.isfinite(raw)
                 self._deferred.append((self.step_index, t64, bad.reshape(bad.shape[0], -1).any(1)))
         return d
 
@@ -180,7 +183,7 @@ class Solver:
         LinearSDE ``alpha, sigma, lam`` (= half log-SNR, :math:`\\log(\\alpha/\\sigma)`), ``f, g2``
         in the state dtype; ``h`` = :math:`\\lambda_{i+1}-\\lambda_i`."""
         t64 = grid.t
-        tab = StepTable(steps=grid.steps, t=t64.tolist(), t64=t64.to(like.device))
+        tab = StepTable(steps=grid.steps, t=t64.tolist(), t64=t64)  # CPU float64: the model's scalar-time path
         cast = lambda v: v.to(dtype=like.dtype, device=like.device)  # noqa: E731
         tab.dt = cast(t64[1:] - t64[:-1])
         if isinstance(sde, LinearSDE):

@@ -138,6 +138,8 @@ class ExponentialMultistep(Solver):
             w = torch.tensor(self.weights(k, nodes, h), dtype=torch.float64) * tab.alpha64[i + 1]
             coefs.append(w.to(dtype=like.dtype, device=like.device))
         tab.coef = coefs
+        tab.coef_f = [w.tolist() for w in coefs]          # Python floats: fused in-place updates
+        tab.sigma_ratio_f = tab.sigma_ratio.tolist()
         return tab
 
     def init(self, x: Tensor) -> History:
@@ -158,10 +160,10 @@ class ExponentialMultistep(Solver):
         return x, hist
 
     def update(self, x: Tensor, hist: History, tab: StepTable, i: int, k: int) -> Tensor:
-        c = tab.coef[i]
-        out = tab.sigma_ratio[i] * x
+        c = tab.coef_f[i]
+        out = x * tab.sigma_ratio_f[i]
         for j in range(k):
-            out = out + c[j] * hist.x0[-1 - j]
+            out.add_(hist.x0[-1 - j], alpha=c[j])
         return out
 
 

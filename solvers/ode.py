@@ -41,12 +41,16 @@ class Euler(Solver):
 
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
         tab = super().prepare(sde, grid, like)
-        tab.eps_coef = (0.5 * tab.g2 / tab.sigma)
+        # x + dt (f x + c eps) = (1 + dt f) x + (dt c) eps, as Python floats for a fused update
+        dt = grid.t[1:] - grid.t[:-1]
+        c = sde.coefficients(grid.t[:-1])
+        tab.x_coef_f = (1.0 + dt * c["f"]).tolist()
+        tab.eps_coef_f = (dt * 0.5 * c["g2"] / c["sigma"]).tolist()
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
         eps = model.evaluate(x, tab.t64[i]).eps
-        return x + tab.dt[i] * (tab.f[i] * x + tab.eps_coef[i] * eps), state
+        return torch.add(x * tab.x_coef_f[i], eps, alpha=tab.eps_coef_f[i]), state
 
 
 @register("heun")
@@ -129,13 +133,15 @@ class DDIM(Solver):
         cast = lambda v: v.to(dtype=like.dtype, device=like.device)  # noqa: E731
         tab.noise_std = cast(c)
         tab.eps_coef = cast(torch.sqrt((tab.sigma64[1:] ** 2 - c ** 2).clamp(min=0.0)))
+        tab.alpha_next_f, tab.eps_coef_f, tab.noise_std_f = tab.alpha64[1:].tolist(), tab.eps_coef.tolist(), \
+            tab.noise_std.tolist()
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
         d = model.evaluate(x, tab.t64[i])
-        x_next = tab.alpha[i + 1] * d.x0 + tab.eps_coef[i] * d.eps
+        x_next = torch.add(d.x0 * tab.alpha_next_f[i], d.eps, alpha=tab.eps_coef_f[i])
         if self.eta > 0:
-            x_next = x_next + tab.noise_std[i] * noise(i, tab.t[i], tab.t[i + 1], x)
+            x_next.add_(noise(i, tab.t[i], tab.t[i + 1], x), alpha=tab.noise_std_f[i])
         return x_next, state
 
 

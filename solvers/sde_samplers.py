@@ -42,6 +42,17 @@ def _cast(v: Tensor, like: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- fixed step
+def _floats(tab: StepTable, *names: str) -> None:
+    """Python-float copies ``<name>_f`` of per-step coefficients, for fused in-place updates."""
+    for n in names:
+        setattr(tab, n + "_f", getattr(tab, n).tolist())
+
+
+def _axpbypcz(x: Tensor, a: float, y: Tensor, b: float, z: Tensor, c: float) -> Tensor:
+    """a x + b y + c z in three passes over memory."""
+    return torch.add(x * a, y, alpha=b).add_(z, alpha=c)
+
+
 @register("euler_maruyama")
 @dataclass
 class EulerMaruyama(Solver):
@@ -68,6 +79,7 @@ class EulerMaruyama(Solver):
             tab.x_coef = _cast(1.0 - delta * c["f"], like)
             tab.eps_coef = _cast(-delta * c["g2"] / c["sigma"], like)   # Delta g^2 s = -Delta g^2 eps / sigma
             tab.noise_std = _cast(torch.sqrt(c["g2"] * delta), like)
+            _floats(tab, "x_coef", "eps_coef", "noise_std")
         else:                                              # a general SDE (score-only model)
             g2 = sde.diffusion(t64[:-1]) ** 2
             tab.general = True
@@ -81,11 +93,11 @@ class EulerMaruyama(Solver):
         d = model.evaluate(x, tab.t64[i])
         z = noise(i, tab.t[i], tab.t[i + 1], x)
         if tab.general:
-            tt = tab.t64[i].expand(x.shape[0]).to(x.dtype)
+            tt = tab.t64[i].expand(x.shape[0]).to(device=x.device, dtype=x.dtype)
             x_next = x - tab.delta[i] * model.sde.drift(x, tt) + tab.g2_delta[i] * d.score
         else:
             # x - Delta (f x - g^2 s) = (1 - Delta f) x + Delta g^2 s,  s = -eps / sigma
-            x_next = tab.x_coef[i] * x + tab.eps_coef[i] * d.eps
+            return _axpbypcz(x, tab.x_coef_f[i], d.eps, tab.eps_coef_f[i], z, tab.noise_std_f[i]), state
         return x_next + tab.noise_std[i] * z, state
 
 
@@ -114,13 +126,14 @@ class ReverseDiffusion(Solver):
         tab.x_coef = _cast(2.0 - r, like)
         tab.eps_coef = _cast(-G2 / tab.sigma64[:-1], like)
         tab.noise_std = _cast(torch.sqrt(G2), like)
+        _floats(tab, "x_coef", "eps_coef", "noise_std")
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable,
              noise: NoiseSource) -> tuple[Tensor, Any]:
         eps = model.evaluate(x, tab.t64[i]).eps
         z = noise(i, tab.t[i], tab.t[i + 1], x)
-        return tab.x_coef[i] * x + tab.eps_coef[i] * eps + tab.noise_std[i] * z, state
+        return _axpbypcz(x, tab.x_coef_f[i], eps, tab.eps_coef_f[i], z, tab.noise_std_f[i]), state
 
 
 @register("ancestral")

@@ -1,0 +1,329 @@
+"""Likelihood benchmark (issue 4, "Performance"): wall time, NFE and error against the exact
+log-density, side by side in one run, for N points (default 512) of a d=16 Gaussian mixture
+(4 components, full anisotropic covariances) with its exact analytic model.
+
+Methods (all float64, CPU, the same exact network, the same process: EDMSDE, alpha = 1,
+sigma = t in [0.002, 80], prior N(0, 80^2 I), so that every method integrates the same ODE
+dx/dsigma = eps(x, sigma) in the same variable):
+
+  (a) score_sde  -- the classic approach of the score_sde reference code, reimplemented here:
+                    scipy.integrate.solve_ivp(RK45) on the flattened [x, logp] batch, numpy <->
+                    torch conversions at every evaluation, the drift and a reverse-mode
+                    Hutchinson product (Rademacher, one probe) computed by two separate model
+                    calls, as score_sde's ``drift_fn`` and ``div_fn`` do.  (score_sde casts to
+                    float32 at every evaluation; this reimplementation keeps float64.)
+  (b) k-diffusion -- ``k_diffusion.sampling.log_likelihood`` (torchdiffeq dopri5, one
+                    Rademacher probe), if installed (``pip install --no-deps k-diffusion``); only
+                    its sampling module is loaded (its package __init__ needs torchvision etc.).
+  ours            -- ``solvers.log_likelihood`` with the Hutchinson estimator (one probe: the
+                    same estimator as (a) and (b)) and with the exact trace.
+
+Error = the integration error per sample, |log_prob - log pi(z) + log p_T(z) - log p_{t_end}(x)|
+(pi the N(0, 80^2 I) prior every method uses, p_T the exact terminal marginal): the prior
+mismatch log pi(z) - log p_T(z) is common to all methods and is printed once, separately.
+With one Hutchinson probe the error is dominated by the estimator's noise, not the solver.
+
+"Equal or smaller error" ratio: for each baseline, the fastest of our configurations whose RMS
+error is <= the baseline's RMS error.  Times are medians over --repeats runs (the machine may
+be shared).  ``--products`` also prints the forward-mode (jvp) vs reverse-mode (vjp) timing of
+one evaluation of the exact divergence on an MLP (the numbers in solvers/likelihood.py).
+
+Run:  python benchmarks/likelihood.py [--n 512] [--repeats 3] [--products] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import scoresde
+import solvers
+from solvers.base import CheckedModel
+from solvers.likelihood import _Problem
+from solvers.ode import pf_ode_drift
+
+DT = torch.float64
+
+
+# ----------------------------------------------------------------------------- problem
+def make_target(d: int = 16, k: int = 4, seed: int = 0) -> scoresde.GaussianMixture:
+    g = torch.Generator().manual_seed(seed)
+    means = 6.0 * torch.randn(k, d, generator=g, dtype=DT) / math.sqrt(d)
+    a = torch.randn(k, d, d, generator=g, dtype=DT)
+    covs = 0.3 * a @ a.transpose(1, 2) / d + 0.05 * torch.eye(d, dtype=DT)
+    w = torch.softmax(torch.randn(k, generator=g, dtype=DT), 0)
+    return scoresde.GaussianMixture(w, means, covs)
+
+
+# ----------------------------------------------------------------------------- (a) score_sde
+def score_sde_likelihood(eps_net, sde, x: torch.Tensor, t_end: float, rtol: float, atol: float, seed: int):
+    """score_sde's ``get_likelihood_fn`` (likelihood.py), reimplemented for this process:
+    RK45 from scipy on the flattened batch, numpy conversions at every evaluation, the drift
+    and the Hutchinson divergence from two separate model calls."""
+    from scipy import integrate
+
+    shape = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    epsilon = (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(x.dtype)
+    calls = [0]
+
+    def drift_fn(xx, t):                         # PF drift: f x - g^2/2 score = -t score = eps (EDM)
+        calls[0] += 1
+        return eps_net(xx, t)
+
+    def div_fn(xx, t, eps):                      # Hutchinson, reverse mode
+        with torch.enable_grad():
+            xx.requires_grad_(True)
+            fn_eps = torch.sum(drift_fn(xx, t) * eps)
+            grad_fn_eps = torch.autograd.grad(fn_eps, xx)[0]
+        xx.requires_grad_(False)
+        return torch.sum(grad_fn_eps * eps, dim=tuple(range(1, len(xx.shape))))
+
+    def to_flattened_numpy(v):
+        return v.detach().cpu().numpy().reshape((-1,))
+
+    def from_flattened_numpy(v, shp):
+        return torch.from_numpy(v.reshape(shp))
+
+    def ode_func(t, y):
+        sample = from_flattened_numpy(y[:-shape[0]], shape).to(x.device).type(x.dtype)
+        vec_t = torch.ones(sample.shape[0], device=sample.device, dtype=x.dtype) * t
+        drift = to_flattened_numpy(drift_fn(sample, vec_t))
+        logp_grad = to_flattened_numpy(div_fn(sample, vec_t, epsilon))
+        return np.concatenate([drift, logp_grad], axis=0)
+
+    init = np.concatenate([to_flattened_numpy(x), np.zeros((shape[0],))], axis=0)
+    with torch.no_grad():
+        solution = integrate.solve_ivp(ode_func, (t_end, sde.T), init, rtol=rtol, atol=atol, method="RK45")
+    zp = solution.y[:, -1]
+    z = from_flattened_numpy(zp[:-shape[0]], shape).to(x.dtype)
+    delta = from_flattened_numpy(zp[-shape[0]:], (shape[0],)).to(x.dtype)
+    return delta, z, calls[0]
+
+
+# ----------------------------------------------------------------------------- (b) k-diffusion
+def load_k_diffusion_sampling():
+    """k_diffusion.sampling without running k_diffusion/__init__.py (which imports torchvision,
+    PIL, safetensors, ...).  Its only use of ``k_diffusion.utils`` is ``append_dims``; when the
+    real utils module cannot be imported, a stub with the same 3-line function stands in."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = [str(root)]
+    saved = {name: sys.modules.get(name) for name in ("k_diffusion", "k_diffusion.utils")}
+    sys.modules["k_diffusion"] = pkg
+    try:
+        try:
+            uspec = importlib.util.spec_from_file_location("k_diffusion.utils", root / "utils.py")
+            utils = importlib.util.module_from_spec(uspec)
+            sys.modules["k_diffusion.utils"] = utils
+            uspec.loader.exec_module(utils)
+        except ImportError:
+            utils = types.ModuleType("k_diffusion.utils")
+
+            def append_dims(x, target_dims):             # k_diffusion.utils.append_dims, verbatim logic
+                dims_to_append = target_dims - x.ndim
+                if dims_to_append < 0:
+                    raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+                return x[(...,) + (None,) * dims_to_append]
+
+            utils.append_dims = append_dims
+            sys.modules["k_diffusion.utils"] = utils
+        pkg.utils = utils
+        sspec = importlib.util.spec_from_file_location("k_diffusion.sampling", root / "sampling.py")
+        sampling = importlib.util.module_from_spec(sspec)
+        sspec.loader.exec_module(sampling)
+        return sampling
+    except ImportError as err:
+        print(f"k-diffusion found but its sampling module did not load: {err}")
+        return None
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod
+
+
+# ----------------------------------------------------------------------------- timing
+def median_time(fn, repeats: int):
+    out = fn()                                    # warm-up (and the result we report)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def errors(delta, z, target, sde, x, t_end):
+    exact = target.marginal(sde, t_end).log_prob(x)
+    pT = target.marginal(sde, sde.T).log_prob(z)
+    e = (delta + pT - exact).abs()
+    return float(e.mean()), float(torch.sqrt((e * e).mean())), float(e.max())
+
+
+def run_benchmark(n: int, repeats: int, rtol: float) -> None:
+    target = make_target()
+    sde = scoresde.EDMSDE(sigma_min=0.002, sigma_max=80.0)
+    t_end = sde.default_t_end
+    model = target.as_model(sde, "eps")          # net(x, t) = exact eps, t = sigma
+    eps_net = model.net
+    x = target.sample(n, torch.Generator().manual_seed(1))
+    z_exact_prior = target.marginal(sde, sde.T)
+    print(f"problem: {n} points of a d={target.dim} Gaussian mixture (K={target.num_components}, full covariances), "
+          f"EDMSDE sigma in [{t_end}, {sde.T}], float64, torch threads={torch.get_num_threads()}")
+    rows = []
+
+    def add(label, fn, estimator):
+        t, (delta, z, nfe) = median_time(fn, repeats)
+        mean_e, rms_e, max_e = errors(delta, z, target, sde, x, t_end)
+        rows.append(dict(label=label, time=t, nfe=nfe, mean=mean_e, rms=rms_e, max=max_e, est=estimator, z=z))
+        print(f"  {label:44s} {t:8.2f} s  nfe {nfe:5d}  err mean {mean_e:.2e} rms {rms_e:.2e} max {max_e:.2e}",
+              flush=True)
+
+    print(f"\n{'method':46s} {'time':>8s}    {'nfe':>9s}  error vs exact log p_t_end (integration error, nats)")
+    add(f"(a) score_sde classic RK45 rtol=atol={rtol:g}",
+        lambda: score_sde_likelihood(eps_net, sde, x, t_end, rtol, rtol, seed=0), "hutchinson")
+
+    kd = load_k_diffusion_sampling()
+    if kd is not None:
+        # k-diffusion returns only log_prob; its latent (needed to take out the common prior
+        # mismatch) is recorded by wrapping the odeint it calls, which costs nothing.
+        def kd_full():
+            torch.manual_seed(0)
+            rec = {}
+            denoiser = lambda xx, sigma: xx - sigma[:, None] * eps_net(xx, sigma)  # noqa: E731
+            orig = kd.odeint
+
+            def odeint_rec(*a, **kw):
+                sol = orig(*a, **kw)
+                rec["z"] = sol[0][-1]
+                return sol
+
+            kd.odeint = odeint_rec
+            try:
+                ll, info = kd.log_likelihood(denoiser, x, t_end, sde.T, atol=rtol, rtol=rtol)
+            finally:
+                kd.odeint = orig
+            z = rec["z"]
+            prior = torch.distributions.Normal(0, sde.T).log_prob(z).flatten(1).sum(1)
+            return ll - prior, z, info["fevals"]
+
+        add(f"(b) k-diffusion log_likelihood rtol=atol={rtol:g}", kd_full, "hutchinson")
+    else:
+        print("  (b) k-diffusion: not installed (pip install --no-deps k-diffusion); skipped")
+
+    def ours(trace, tol, probes=1):
+        def go():
+            r = solvers.log_likelihood(model, x, trace, rtol=tol, atol=tol, t_end=t_end,
+                                       generator=torch.Generator().manual_seed(0) if trace == "hutchinson" else None,
+                                       probes=probes)
+            return r.delta_log_prob, r.z, r.nfe
+        return go
+
+    add(f"ours hutchinson (1 probe) rtol=atol={rtol:g}", ours("hutchinson", rtol), "hutchinson")
+    for tol in (rtol, 1e-4, 1e-3):
+        add(f"ours exact trace rtol=atol={tol:g}", ours("exact", tol), "exact")
+
+    z = rows[-1]["z"]
+    mismatch = (torch.distributions.Normal(0, sde.T).log_prob(z).sum(1) - z_exact_prior.log_prob(z)).abs()
+    print(f"\nprior mismatch |log N(z; 0, 80^2 I) - log p_T(z)| (common to all methods, excluded above): "
+          f"mean {float(mismatch.mean()):.2e} nats")
+
+    ours_rows = [r for r in rows if r["label"].startswith("ours")]
+    same = next(r for r in ours_rows if r["est"] == "hutchinson")
+    print("\nratios (baseline time / our time):")
+    for base in rows:
+        if base["label"].startswith("ours"):
+            continue
+        ok = [r for r in ours_rows if r["rms"] <= base["rms"]]
+        best = min(ok, key=lambda r: r["time"]) if ok else None
+        line = f"  vs {base['label'][:3]}: same estimator (ours hutchinson, same tol) {base['time'] / same['time']:.2f}x"
+        if best is not None:
+            line += (f"; at equal or smaller error: {base['time'] / best['time']:.2f}x "
+                     f"[{best['label']}, rms err {best['rms']:.1e} vs {base['rms']:.1e}]")
+        print(line)
+
+
+# ----------------------------------------------------------------------------- jvp vs vjp
+class MLP(nn.Module):
+    def __init__(self, d: int, width: int = 256):
+        super().__init__()
+        self.inp = nn.Linear(d + 1, width)
+        self.body = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
+        self.out = nn.Linear(width, d)
+
+    def forward(self, x, t):
+        return self.out(self.body(self.inp(torch.cat([x, t[:, None]], dim=1))))
+
+
+def run_products(repeats: int) -> None:
+    """Forward (jvp) vs reverse (vjp) mode for the exact divergence, through the library's own
+    product code, timed interleaved (vjp, jvp, vjp, ...) so that a shared machine's load hits
+    both alike; medians."""
+    print("\nexact divergence, one evaluation of the drift and its trace (solvers.likelihood), ms, median of "
+          f"{max(9, 3 * repeats)} interleaved runs:")
+    print(f"  {'net, dtype, d, batch':34s} {'vjp':>9s} {'jvp':>9s} {'jvp/vjp':>8s}")
+    sde = scoresde.VPSDE()
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        for d, b in ((16, 512), (64, 256), (256, 64)):
+            torch.manual_seed(0)
+            cases.append((f"MLP, {str(dtype)[6:]}, d={d}, B={b}", scoresde.ScoreModel(MLP(d).to(dtype).eval(), sde, "eps"),
+                          torch.randn(b, d, dtype=dtype)))
+    target = make_target()
+    cases.append(("exact GMM, float64, d=16, B=512", target.as_model(sde, "eps"),
+                  target.sample(512, torch.Generator().manual_seed(1))))
+    for name, model, x in cases:
+        d = x.shape[1]
+        t64 = torch.tensor(0.5, dtype=torch.float64)
+        fns = {}
+        for products in ("vjp", "jvp"):
+            prob = _Problem(model, t_end=1e-3, trace="exact", products=products, chunk=d, method="dopri5",
+                            steps=None, rtol=1e-5, atol=1e-5, max_steps=10, dtype=x.dtype, device=x.device)
+            drift = pf_ode_drift(model, CheckedModel(model, None, False), x)
+            fn = prob._vjp if products == "vjp" else prob._jvp
+            fns[products] = (lambda fn=fn, drift=drift: fn(drift, x, t64, None))
+        times = {"vjp": [], "jvp": []}
+        with torch.no_grad():
+            for p in fns:
+                fns[p]()                                    # warm-up
+            for _ in range(max(9, 3 * repeats)):
+                for p in ("vjp", "jvp"):
+                    t0 = time.perf_counter()
+                    fns[p]()
+                    times[p].append(time.perf_counter() - t0)
+        tv, tj = statistics.median(times["vjp"]), statistics.median(times["jvp"])
+        print(f"  {name:34s} {tv * 1e3:9.2f} {tj * 1e3:9.2f} {tj / tv:8.2f}", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rtol", type=float, default=1e-5, help="tolerance of the baselines (rtol = atol)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--products", action="store_true", help="also time jvp vs vjp on an MLP")
+    p.add_argument("--only-products", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.only_products:
+        run_benchmark(args.n, args.repeats, args.rtol)
+    if args.products or args.only_products:
+        run_products(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

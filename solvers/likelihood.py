@@ -1,0 +1,665 @@
+r"""Log-likelihood through the probability-flow ODE; encoding; bits per dimension.
+
+**The computation.**  Along the probability-flow ODE :math:`dx/dt = v(x, t) = f(x,t) -
+\tfrac12 g(t)^2\nabla\log p_t(x)` the log-density obeys the instantaneous change of variables
+(continuity equation) :math:`\frac{d}{dt}\log p_t(x_t) = -\nabla\!\cdot v(x_t, t)`, so, integrating
+from the data end ``t_end`` up to ``T``,
+
+.. math:: \log p_{t_{end}}(x) = \log p_T(z) + \int_{t_{end}}^{T} \nabla\!\cdot v(x_t, t)\,dt,
+          \qquad z = x_T,\ x_{t_{end}} = x.
+
+:func:`log_likelihood` integrates the augmented state :math:`[x_t,\ \delta_t]` with
+:math:`d\delta/dt = \nabla\cdot v` from ``t_end`` to ``T`` with torchdiffeq's ``odeint``
+(entirely in torch, in the input's dtype and device), and returns ``log_prob =
+prior_log_prob(z) + delta_log_prob`` with the SDE's prior :math:`\pi` standing in for
+:math:`p_T`.  The model's density is therefore :math:`\log\pi(\Phi(x)) + \log|\det
+\partial\Phi/\partial x|` with :math:`\Phi` the model's flow from ``t_end`` to ``T``
+(Liouville: :math:`\log|\det\partial\Phi/\partial x| = \int\nabla\cdot v\,dt`); it equals the true
+:math:`\log p_{t_{end}}` only up to the prior mismatch :math:`\log\pi(z) - \log p_T(z)`, which for
+the linear VP schedule (:math:`\alpha(1) = 6.6\cdot10^{-3}`) is of order
+:math:`\alpha(T)\,|\mu|\,|z|` -- about :math:`10^{-2}` nats for data with mean of norm one.
+
+**Divergence.**  ``trace="exact"``: the full Jacobian trace
+:math:`\sum_i e_i^\top J e_i`, d products per evaluation, batched over the basis vectors (and
+over the samples: one basis vector serves the whole batch, the Jacobian of a network that
+treats samples independently being block diagonal), chunked (``chunk_size`` basis vectors at
+a time) to bound memory.  Above :data:`EXACT_TRACE_WARN_DIMS` dimensions it warns with the
+cost unless ``allow_expensive=True``.  ``trace="hutchinson"``: :math:`\epsilon^\top J\epsilon`
+with Rademacher (:math:`\pm1`) or Gaussian probes (Hutchinson 1990; Grathwohl et al. 2019,
+FFJORD), ``probes=k`` of them evaluated in one batched pass and drawn *once per solve* from
+``generator`` (per sample and per probe independent), so that the integrand is a fixed smooth
+function and the adaptive solver converges (yang-song/score_sde_pytorch#10).  Each probe's
+integral :math:`\int\epsilon_j^\top J\epsilon_j\,dt = \epsilon_j^\top(\int J\,dt)\,\epsilon_j`
+is an unbiased estimate of the integrated trace; ``delta_log_prob`` is their *average*
+(divided by k, never summed: bayesflow-org/bayesflow#772), and ``trace_std_err`` is the
+per-sample standard error of that average, the sample standard deviation over the k probe
+integrals divided by :math:`\sqrt k` (NaN for ``probes=1``, where it cannot be estimated).
+Rademacher probes are exact on a diagonal Jacobian (:math:`\epsilon_i^2 = 1`).
+
+**Forward or reverse mode** (``products``): ``"vjp"`` (default) runs the network once with a
+local graph on a detached copy of the state and takes the d (or k) vector-Jacobian products
+from that one forward pass in one batched backward (``torch.autograd.grad(...,
+is_grads_batched=True)``); ``"jvp"`` maps forward-mode products over the basis (or the
+probes) with ``torch.func.vmap(torch.func.jvp)``.  Measured on the CPU (one thread, medians,
+ms per evaluation of the drift and its exact divergence; ``python benchmarks/likelihood.py
+--products``), an MLP of width 256 with 3 hidden layers (SiLU):
+
+======================  =======  =======  =========
+case                    vjp      jvp      jvp/vjp
+======================  =======  =======  =========
+float32, d=16, B=512     see the table in benchmarks/likelihood.py output, recorded below
+======================  =======  =======  =========
+
+PRODUCTS_TABLE
+
+Reverse mode is the faster and the default.
+
+**NFE** is counted at the model (each call of ``net``).  With ``products="vjp"`` each
+evaluation of the augmented right-hand side is exactly one network call: the products come
+from the backward pass of that same forward, so they are not NFE (``stats["products"]``
+counts them).  With ``products="jvp"`` the vmapped function -- and so the network, once, on
+a batch expanded by the chunk of tangents -- runs once per chunk of basis vectors (once in
+all for Hutchinson): one NFE per chunk, although each such call costs about ``chunk``
+forward passes.
+
+**Memory.**  Nothing of the graph survives an evaluation: the state is detached before the
+local ``enable_grad``, the network's parameters are never differentiated (only the state is),
+and every returned tensor is detached.  Peak memory is that of one evaluation, whatever the
+number of steps.
+
+**Batches.**  By default the whole batch shares the adaptive step (the error norm is taken
+over the batch): a sample's result then depends on its batch-mates only through the step
+sizes, i.e. within the solver tolerance, not bitwise.  ``per_sample=True`` integrates every
+sample on its own (B solves, slower; results independent of the batch composition).  A
+solve that fails (``max_steps``, step-size underflow, a non-finite drift or divergence) is
+reported per sample in ``res.status`` with NaN results for those samples -- never a truncated
+integral -- and raises :class:`SolverError` unless ``on_failure="record"``.
+
+**Encoding.**  :func:`encode` runs the ``pf_ode`` solver forward (data to latent) on the
+same drift; decoding is ``solvers.sample(model, z, "pf_ode", t_end=...)``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from scoresde._checks import check_finite_tensor, check_float, check_floating, check_int
+from scoresde.model import ScoreModel
+from scoresde.sde import SDE
+
+from .base import CheckedModel, NonFiniteError, Solution, SolverError, _check_model, _check_net_device
+from .ode import PFODE, check_tolerances, pf_ode_drift
+from .timesteps import TimeGrid
+
+__all__ = ["LikelihoodResult", "log_likelihood", "encode", "bits_per_dim", "EXACT_TRACE_WARN_DIMS"]
+
+#: Above this many dimensions ``trace="exact"`` warns (d products per evaluation).
+EXACT_TRACE_WARN_DIMS = 256
+#: Default chunking of the exact trace: at most this many elements in one batch of basis
+#: cotangents (chunk x batch x dims); 2**23 float64 elements = 64 MiB.
+_CHUNK_ELEMENTS = 2 ** 23
+
+_TRACES = ("exact", "hutchinson")
+_NOISES = ("rademacher", "gaussian")
+_PRODUCTS = ("vjp", "jvp")
+_FIXED = PFODE._FIXED
+_ADAPTIVE = PFODE._ADAPTIVE_RK
+
+
+@dataclass(frozen=True)
+class LikelihoodResult:
+    """Result of :func:`log_likelihood` (all tensors detached, in the input's dtype and device).
+
+    - ``log_prob`` ``[B]``: :math:`\\log p_{t_{end}}(x)` under the model, in nats
+      (= ``prior_log_prob + delta_log_prob``); NaN for a sample whose solve failed.
+    - ``prior_log_prob`` ``[B]``: ``sde.prior_log_prob(z)``.
+    - ``delta_log_prob`` ``[B]``: :math:`\\int_{t_{end}}^T\\nabla\\cdot v\\,dt` (Hutchinson: the
+      average over the probes).
+    - ``z`` ``[B, ...]``: the latent at ``T``.
+    - ``nfe``: network calls made, counted at the model.
+    - ``status``: one string per sample, ``"success"``, ``"max_steps"``,
+      ``"step_size_underflow"`` or ``"nonfinite"`` (``"aborted"`` in the ``partial`` result of a
+      raised :class:`SolverError` for samples the call did not finish).
+    - ``trace_std_err`` ``[B]`` or None: Hutchinson only, the standard error of
+      ``delta_log_prob`` over the probes (NaN for ``probes=1``).
+    - ``stats``: method, tolerances, steps accepted/rejected, evaluations, products, ...
+    """
+
+    log_prob: Tensor
+    prior_log_prob: Tensor
+    delta_log_prob: Tensor
+    z: Tensor
+    nfe: int
+    status: tuple = ()
+    trace_std_err: Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> Tensor:
+        """Boolean mask ``[B]`` of the samples whose solve succeeded."""
+        return torch.tensor([s == "success" for s in self.status], dtype=torch.bool, device=self.log_prob.device)
+
+
+# ------------------------------------------------------------------ validation
+def _check_x(x: Any) -> Tensor:
+    check_floating(x, "x")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"x is {x.dtype}: log_likelihood needs float32 or float64 (the log-density integral and the "
+            "divergence lose too many digits in half precision); pass x.float()"
+        )
+    if x.ndim < 1:
+        raise ValueError("x must have a batch dimension (shape [B, ...]), got a 0-d tensor")
+    if x.dtype == torch.float64 and x.device.type == "mps":
+        raise ValueError("x is float64 on mps, which does not support float64; use float32")
+    check_finite_tensor(x, "x")
+    return x
+
+
+def _check_t_end(t_end: Any, sde: SDE) -> float:
+    if t_end is None:
+        t_end = sde.default_t_end
+    t = check_float(t_end, "t_end")
+    if not 0.0 < t < sde.T:
+        raise ValueError(
+            f"t_end must lie inside (0, T) of [0, T]=[0, {sde.T:.6g}] for {type(sde).__name__}, got {t} "
+            "(the likelihood integrates from t_end up to T; at t = 0 the model is undefined)"
+        )
+    return t
+
+
+def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_method(method: Any, steps: Any) -> tuple[str, int | None]:
+    if not isinstance(method, str) or method not in _FIXED + _ADAPTIVE:
+        valid = ", ".join(repr(m) for m in _ADAPTIVE + _FIXED)
+        raise ValueError(f"method must be one of the torchdiffeq methods {valid}; got {method!r}")
+    if method in _FIXED:
+        if steps is None:
+            raise ValueError(f"method={method!r} is a fixed-step method: pass steps (number of uniform steps in t)")
+        return method, check_int(steps, "steps", minimum=1)
+    if steps is not None:
+        raise ValueError(f"steps applies to fixed-step methods ({', '.join(_FIXED)}); method={method!r} is adaptive")
+    return method, None
+
+
+def _check_generator(generator: Any, batch: int, device: torch.device) -> Any:
+    if generator is None:
+        return None
+    gens = [generator] if isinstance(generator, torch.Generator) else generator
+    if not isinstance(gens, (list, tuple)):
+        raise TypeError(f"generator must be a torch.Generator, a list of them (one per sample) or None; "
+                        f"got {type(generator).__name__}")
+    if not isinstance(generator, torch.Generator) and len(gens) != batch:
+        raise ValueError(f"generator: got {len(gens)} generators for batch {batch} (one per sample)")
+    for j, g in enumerate(gens):
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"generator[{j}] must be a torch.Generator, got {type(g).__name__}")
+        if g.device.type != "cpu" and g.device != device:
+            raise ValueError(f"generator is on {g.device} but x is on {device}; use a CPU generator "
+                             "(reproducible across devices) or one on x's device")
+    return generator
+
+
+def _draw_probes(shape: torch.Size, k: int, noise: str, generator: Any, dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
+    """Probes ``[k, B, *shape[1:]]`` drawn once: a single generator draws ``[B, k, ...]`` (sample
+    major); a list draws ``[k, ...]`` per sample from its own generator (independent of the batch)."""
+    def draw(size, g):
+        dev = g.device if g is not None else device
+        if noise == "rademacher":
+            return (torch.randint(0, 2, size, generator=g, device=dev) * 2 - 1).to(dtype)
+        return torch.randn(size, generator=g, dtype=torch.float64, device=dev).to(dtype)
+
+    b, rest = shape[0], tuple(shape[1:])
+    if isinstance(generator, (list, tuple)):
+        v = torch.stack([draw((k, *rest), g) for g in generator], dim=1) if b else \
+            torch.zeros((k, 0, *rest), dtype=dtype)
+    else:
+        v = draw((b, k, *rest), generator).transpose(0, 1)
+    return v.to(device).contiguous()
+
+
+# ------------------------------------------------------------------ the solve
+class _NonFinite(Exception):
+    def __init__(self, samples: list[int], message: str):
+        super().__init__(message)
+        self.samples = samples
+
+
+class _Failed(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class _MaxSteps(Exception):
+    pass
+
+
+@dataclass
+class _Outcome:
+    z: Tensor
+    delta: Tensor          # [B] exact, [B, k] hutchinson
+    evaluations: int
+    accepted: int
+    rejected: int
+
+
+class _Problem:
+    """Everything fixed for one call; :meth:`solve` integrates one batch."""
+
+    def __init__(self, model: ScoreModel, *, t_end: float, trace: str, products: str, chunk: int,
+                 method: str, steps: int | None, rtol: float, atol: float, max_steps: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.model, self.sde = model, model.sde
+        self.t_end, self.T = t_end, float(self.sde.T)
+        self.trace, self.products, self.chunk = trace, products, chunk
+        self.method, self.steps, self.rtol, self.atol, self.max_steps = method, steps, rtol, atol, max_steps
+        self.tdtype = torch.float32 if device.type == "mps" else torch.float64
+        self.device = device
+        self.fixed = method in _FIXED
+        self.t_span = torch.tensor([t_end, self.T], dtype=self.tdtype, device=device)
+        self.grid = torch.linspace(t_end, self.T, steps + 1, dtype=self.tdtype, device=device) if self.fixed else None
+
+    # -- divergence ------------------------------------------------------------
+    def _basis(self, i: int, j: int, like: Tensor) -> Tensor:
+        """Basis vectors e_i .. e_{j-1}, shaped ``[j - i, B, *like.shape[1:]]`` (stride 0 over B)."""
+        d = like[0].numel()
+        e = torch.zeros(j - i, d, dtype=like.dtype, device=like.device)
+        e[torch.arange(j - i), torch.arange(i, j)] = 1.0
+        return e.reshape(j - i, 1, *like.shape[1:]).expand(j - i, *like.shape)
+
+    def _vjp(self, drift, y: Tensor, t64: Tensor, V: Tensor | None) -> tuple[Tensor, Tensor]:
+        b = y.shape[0]
+        with torch.enable_grad():
+            yg = y.detach().requires_grad_(True)
+            v = drift(yg, t64)
+            if not v.requires_grad:          # a drift that does not depend on x: zero divergence
+                k = 1 if V is None else V.shape[0]
+                div = y.new_zeros(b) if V is None else y.new_zeros(b, k)
+                return v.detach(), div
+
+            def products(cot: Tensor, retain: bool) -> Tensor:   # cot [c, B, ...] -> [c, B, ...]
+                if cot.shape[0] == 1:
+                    (g,) = torch.autograd.grad(v, yg, cot[0], retain_graph=retain, allow_unused=True)
+                    g = torch.zeros_like(y) if g is None else g
+                    return g.unsqueeze(0)
+                (g,) = torch.autograd.grad(v, yg, cot, retain_graph=retain, is_grads_batched=True,
+                                           allow_unused=True)
+                return torch.zeros_like(cot) if g is None else g
+
+            if V is not None:                # Hutchinson: eps^T J eps per probe -> [B, k]
+                g = products(V, False)
+                div = (g * V).reshape(V.shape[0], b, -1).sum(-1).transpose(0, 1)
+            else:
+                d = y[0].numel()
+                div = y.new_zeros(b)
+                for i in range(0, d, self.chunk):
+                    j = min(d, i + self.chunk)
+                    g = products(self._basis(i, j, y), j < d)
+                    div = div + torch.diagonal(g.reshape(j - i, b, d)[:, :, i:j], dim1=0, dim2=2).sum(-1)
+        return v.detach(), div.detach()
+
+    def _jvp(self, drift, y: Tensor, t64: Tensor, V: Tensor | None) -> tuple[Tensor, Tensor]:
+        b = y.shape[0]
+        f = lambda u: drift(u, t64)  # noqa: E731
+        mapped = torch.func.vmap(lambda w: torch.func.jvp(f, (y,), (w,)), out_dims=(None, 0))
+        if V is not None:
+            v, g = mapped(V)
+            div = (g * V).reshape(V.shape[0], b, -1).sum(-1).transpose(0, 1)
+            return v, div
+        d = y[0].numel()
+        div = y.new_zeros(b)
+        v = None
+        for i in range(0, d, self.chunk):
+            j = min(d, i + self.chunk)
+            v, g = mapped(self._basis(i, j, y))
+            div = div + torch.diagonal(g.reshape(j - i, b, d)[:, :, i:j], dim1=0, dim2=2).sum(-1)
+        return v, div
+
+    # -- one batch ------------------------------------------------------------
+    def solve(self, x: Tensor, V: Tensor | None) -> _Outcome:
+        from torchdiffeq import odeint
+
+        # finiteness is checked here, on the drift and its divergence, for every mode (a check
+        # inside the network call would be data-dependent control flow under vmap)
+        ev = CheckedModel(self.model, None, check_finite=False)
+        drift = pf_ode_drift(self.model, ev, x)
+        div_fn = self._vjp if self.products == "vjp" else self._jvp
+        t_lo, t_hi = self.t_end, self.T
+        count = {"evals": 0, "attempts": 0, "accepted": 0}
+        track = {"t": t_lo, "dt": None}
+        b = x.shape[0]
+
+        def func(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            y = state[0]
+            ev.step_index = count["evals"]
+            count["evals"] += 1
+            t64 = t.detach().to(torch.float64).clamp(t_lo, t_hi)   # never outside [t_end, T]
+            v, div = div_fn(drift, y, t64, V)
+            ok = torch.isfinite(v).reshape(b, -1).all(1) & torch.isfinite(div).reshape(b, -1).all(1)
+            if not bool(ok.all()):
+                idx = torch.nonzero(~ok).flatten().tolist()
+                raise _NonFinite(idx, f"the probability-flow drift or its divergence is non-finite at "
+                                      f"evaluation {count['evals']}, t={float(t64):.6g}, samples {idx[:10]}"
+                                      f"{' ...' if len(idx) > 10 else ''}")
+            return v, div
+
+        def on_attempt(t0, y0, dt) -> None:
+            count["attempts"] += 1
+            if count["attempts"] > self.max_steps:
+                raise _MaxSteps()
+
+        def on_accept(t0, y0, dt) -> None:
+            count["accepted"] += 1
+            track["t"], track["dt"] = float(t0), abs(float(dt))
+
+        options: dict = {}
+        if self.fixed:
+            options["grid_constructor"] = lambda f, y0, t: self.grid
+        else:
+            func.callback_step = on_attempt
+            func.callback_accept_step = on_accept
+            options["step_t"] = torch.tensor([self.T], dtype=self.tdtype)
+        delta0 = x.new_zeros(b) if V is None else x.new_zeros(b, V.shape[0])
+        try:
+            with torch.no_grad():
+                xs, ds = odeint(func, (x, delta0), self.t_span, method=self.method, rtol=self.rtol,
+                                atol=self.atol, options=options)
+        except _MaxSteps:
+            raise _Failed("max_steps", f"max_steps={self.max_steps} step attempts reached at t={track['t']:.6g} "
+                                       f"(last dt={track['dt']})") from None
+        except AssertionError as err:
+            msg = str(err)
+            kind = "step_size_underflow" if "underflow" in msg else "nonfinite" if "non-finite" in msg else "failed"
+            raise _Failed(kind, f"{kind.replace('_', ' ')} at t={track['t']:.6g}: {msg[:200]}") from None
+        ev.check_deferred()
+        attempts = count["attempts"]
+        accepted = self.steps if self.fixed else count["accepted"]
+        return _Outcome(xs[-1], ds[-1], count["evals"], accepted, 0 if self.fixed else attempts - accepted)
+
+
+def _default_chunk(d: int, b: int) -> int:
+    return max(1, min(d, _CHUNK_ELEMENTS // max(1, b * d)))
+
+
+# ------------------------------------------------------------------ public API
+def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method: str = "dopri5",
+                   rtol: float | None = None, atol: float = 1e-5, t_end: float | None = None, probes: int = 1,
+                   noise: str = "rademacher", generator: Any = None, per_sample: bool = False,
+                   max_steps: int = 10_000, steps: int | None = None, chunk_size: int | None = None,
+                   products: str = "vjp", allow_expensive: bool = False,
+                   on_failure: str = "raise") -> LikelihoodResult:
+    r"""Log-density of ``x`` under ``model`` through the probability-flow ODE (module docstring:
+    :math:`\log p_{t_{end}}(x) = \log\pi(z) + \int_{t_{end}}^T\nabla\cdot v\,dt`).
+
+    **Arguments:**
+
+    - ``model``: a :class:`scoresde.ScoreModel` (any SDE -- a LinearSDE or a user's general
+      SDE through its PF-ODE drift -- and any prediction type).
+    - ``x``: data ``[B, ...]`` in the model's data space, float32 or float64 (integer data:
+      TypeError, scale it first; half precision: ValueError; never modified).
+    - ``trace``: ``"exact"`` or ``"hutchinson"``.
+    - ``method``: a torchdiffeq method; adaptive (``dopri5`` (default), ``dopri8``, ``bosh3``,
+      ``fehlberg2``, ``adaptive_heun``) with ``rtol``/``atol``/``max_steps``, or fixed-step
+      (``rk4``, ``euler``, ...) with ``steps`` uniform steps in t.
+    - ``rtol``, ``atol``: tolerances on the augmented state (``rtol=None``: 1e-5, raised silently
+      to 100 eps = 1.19e-5 in float32; an explicit value below 100 eps is clamped with a
+      warning recorded in ``stats``).  Negative: ValueError.
+    - ``t_end``: the data end of the integral, in (0, T); default ``model.sde.default_t_end``.
+    - ``probes`` (Hutchinson): how many probes per sample, evaluated together; the estimate is
+      their average.  ``noise``: ``"rademacher"`` or ``"gaussian"``.  ``generator``: a
+      ``torch.Generator`` (probes drawn ``[B, probes, ...]`` sample-major), a list of them (one
+      per sample: a sample's probes then do not depend on the batch), or None.
+    - ``per_sample``: integrate each sample separately (B solves; bitwise independent of the
+      batch).  Default: the batch shares the adaptive steps (results depend on the batch only
+      within the tolerance).
+    - ``max_steps``: step attempts (accepted + rejected) per solve.
+    - ``chunk_size`` (exact trace): basis vectors per batched product (default: as many as keep a
+      chunk's cotangents under 2**23 elements).  ``allow_expensive``: silence the warning for
+      ``trace="exact"`` above :data:`EXACT_TRACE_WARN_DIMS` dimensions.
+    - ``products``: ``"vjp"`` (reverse mode, default, the faster measured) or ``"jvp"``.
+    - ``on_failure``: ``"raise"`` (:class:`SolverError` whose ``status`` holds the per-sample
+      statuses and ``partial`` the :class:`LikelihoodResult`) or ``"record"`` (return; failed
+      samples have status != "success" and NaN values).  With a shared step a failing batch is
+      retried without its non-finite samples, or split in halves after ``max_steps``/underflow,
+      until the failing samples are isolated.
+
+    **Returns:** a :class:`LikelihoodResult`.  An empty batch gives empty ``[0]`` results and
+    ``nfe == 0``.
+
+    **Raises:** ``TypeError``/``ValueError`` for bad input, before any network call;
+    :class:`SolverError` for a failed solve (``on_failure="raise"``).
+    """
+    model = _check_model(model)
+    x = _check_x(x)
+    sde = model.sde
+    trace = _check_choice(trace, "trace", _TRACES)
+    noise = _check_choice(noise, "noise", _NOISES)
+    products = _check_choice(products, "products", _PRODUCTS)
+    on_failure = _check_choice(on_failure, "on_failure", ("raise", "record"))
+    probes = check_int(probes, "probes", minimum=1)
+    if trace == "exact" and probes != 1:
+        raise ValueError(f"probes={probes} applies to trace='hutchinson'; trace='exact' uses no probes")
+    for name, flag in (("per_sample", per_sample), ("allow_expensive", allow_expensive)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    max_steps = check_int(max_steps, "max_steps", minimum=1)
+    if chunk_size is not None:
+        chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
+    method, steps = _check_method(method, steps)
+    t_end = _check_t_end(t_end, sde)
+    rtol_in = max(1e-5, 100.0 * torch.finfo(x.dtype).eps) if rtol is None else rtol
+    rtol, atol, notes = check_tolerances(rtol_in, atol, x.dtype)
+    b = x.shape[0]
+    generator = _check_generator(generator, b, x.device)
+    _check_net_device(model, x)
+    d = x[0].numel() if b else math.prod(x.shape[1:])
+    chunk = chunk_size if chunk_size is not None else _default_chunk(d, max(b, 1))
+    chunk = min(chunk, max(d, 1))
+    if trace == "exact" and d > EXACT_TRACE_WARN_DIMS and not allow_expensive:
+        msg = (f"trace='exact' on d={d} dimensions computes {d} Jacobian-vector products per evaluation "
+               f"(about {d} backward passes of the network, {math.ceil(d / chunk)} batched chunks of "
+               f"{chunk}); use trace='hutchinson' or pass allow_expensive=True")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        notes.append(msg)
+    stats: dict = {"method": method, "rtol": rtol, "atol": atol, "t_end": t_end, "T": float(sde.T),
+                   "trace": trace, "products": products, "per_sample": per_sample, "max_steps": max_steps}
+    if trace == "exact":
+        stats["chunk_size"] = chunk
+    else:
+        stats.update(probes=probes, noise=noise)
+    if steps is not None:
+        stats["steps"] = steps
+    if notes:
+        stats["warnings"] = notes
+
+    x = x.detach()
+    V = _draw_probes(x.shape, probes, noise, generator, x.dtype, x.device) if trace == "hutchinson" else None
+    k = probes if trace == "hutchinson" else None
+    z = torch.full_like(x, float("nan"))
+    delta = x.new_full((b,) if k is None else (b, k), float("nan"))
+    status = ["aborted"] * b
+    totals = {"solves": 0, "evaluations": 0, "accepted_steps": 0, "rejected_steps": 0}
+    nfe0 = model.nfe
+    problem = _Problem(model, t_end=t_end, trace=trace, products=products, chunk=chunk, method=method,
+                       steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, dtype=x.dtype, device=x.device)
+
+    def finish() -> LikelihoodResult:
+        if k is None:
+            dl, se = delta, None
+        else:
+            dl = delta.mean(dim=1)
+            se = delta.std(dim=1, correction=1) / math.sqrt(k) if k > 1 else torch.full_like(dl, float("nan"))
+        prior = sde.prior_log_prob(z).to(x.dtype) if b else x.new_zeros(0)
+        n_products = totals["evaluations"] * (d if k is None else k)
+        st = {**stats, **totals, "products_count": n_products, "status_counts": _counts(status)}
+        return LikelihoodResult(prior + dl, prior, dl, z, model.nfe - nfe0, tuple(status), se, st)
+
+    def fail(kind: str, msg: str, idx: list[int], err: Exception) -> None:
+        for i in idx:
+            status[i] = kind
+        if on_failure == "raise":
+            res = finish()
+            cls = NonFiniteError if kind == "nonfinite" else SolverError
+            raise cls(f"log_likelihood failed for samples {idx[:10]}{' ...' if len(idx) > 10 else ''} "
+                      f"({kind}): {msg}; nfe={res.nfe}. Pass on_failure='record' to keep the other samples",
+                      nfe=res.nfe, status=res.status, partial=res) from err
+
+    def run(idx: list[int]) -> None:
+        sel = torch.tensor(idx, dtype=torch.long, device=x.device)
+        try:
+            out = problem.solve(x[sel], None if V is None else V[:, sel])
+        except _NonFinite as err:
+            totals["solves"] += 1
+            bad = [idx[i] for i in err.samples]
+            fail("nonfinite", str(err), bad, err)
+            rest = [i for i in idx if i not in set(bad)]
+            if rest:
+                run(rest)
+            return
+        except _Failed as err:
+            totals["solves"] += 1
+            if len(idx) == 1 or on_failure == "raise":
+                fail(err.kind, str(err), idx, err)
+                return
+            half = len(idx) // 2
+            run(idx[:half])
+            run(idx[half:])
+            return
+        totals["solves"] += 1
+        totals["evaluations"] += out.evaluations
+        totals["accepted_steps"] += out.accepted
+        totals["rejected_steps"] += out.rejected
+        z[sel] = out.z
+        delta[sel] = out.delta
+        for i in idx:
+            status[i] = "success"
+
+    if b:
+        if per_sample:
+            for i in range(b):
+                run([i])
+        else:
+            run(list(range(b)))
+    return finish()
+
+
+def _counts(status: Sequence[str]) -> dict:
+    out: dict = {}
+    for s in status:
+        out[s] = out.get(s, 0) + 1
+    return out
+
+
+def encode(model: ScoreModel, x: Tensor, *, t_end: float | None = None, rtol: float | None = None,
+           atol: float = 1e-5, method: str = "dopri5", steps: int | None = None,
+           max_steps: int = 10_000) -> Solution:
+    r"""Encode data ``x`` (at ``t_end``) to the latent ``z`` at ``T`` along the probability-flow
+    ODE: the ``pf_ode`` solver run forward in time (same drift, same torchdiffeq ``method``,
+    ``rtol``/``atol``, ``max_steps``; fixed-step methods take ``steps`` uniform steps).  The
+    inverse is ``solvers.sample(model, z, "pf_ode", t_end=t_end, rtol=..., atol=...)``; a round
+    trip returns ``x`` within the error the tolerances allow.
+
+    **Returns:** a :class:`Solution` with ``x`` = the latent ``z``, ``nfe``, ``timesteps`` (the
+    float64 grid from ``t_end`` up to ``T``) and ``stats``.
+    """
+    model = _check_model(model)
+    x = _check_x(x)
+    sde = model.sde
+    method, steps = _check_method(method, steps)
+    t_end = _check_t_end(t_end, sde)
+    max_steps = check_int(max_steps, "max_steps", minimum=1)
+    if rtol is not None:
+        check_float(rtol, "rtol", low=0.0)
+    _check_net_device(model, x)
+    n = steps if steps is not None else 1
+    grid = TimeGrid(torch.linspace(t_end, float(sde.T), n + 1, dtype=torch.float64), "encode")
+    solver = PFODE(ode_method=method, rtol=rtol, atol=atol, max_steps=max_steps)
+    return solver.run(model, x, grid)
+
+
+# ------------------------------------------------------------------ bits per dim
+def bits_per_dim(log_prob: Any, num_dims: int, *, data_range: Sequence[float] | None = None,
+                 dequantization: str | None = None, bits: int | None = None) -> Any:
+    r"""Negative log-likelihood in bits per dimension.
+
+    **No keywords:** :math:`\text{bpd} = -\log p(x) / (D \ln 2)`, ``D = num_dims`` -- the
+    density in whatever units ``x`` has (a continuous density: it can be negative).
+
+    **Discrete data** (``data_range=(a, b)`` and ``dequantization``, both required together;
+    ``bits`` defaults to 8): the data are integers :math:`n \in \{0, \dots, 2^{bits}-1\}^D`
+    scaled affinely to the model's range :math:`[a, b]`, and ``log_prob`` is the model's
+    log-density of the scaled data.  A density on the model's scale converts to one on the
+    integer scale (unit bins: the *discrete-data offset*, bin width 1) by the Jacobian of the
+    scaling, :math:`\log p_n = \log p_x + D\log(dx/dn)`:
+
+    - ``dequantization="uniform"``: the model saw :math:`x = a + (b-a)(n + u)/2^{bits}`,
+      :math:`u \sim U[0,1)^D` (one draw of u per sample; the user dequantizes).
+      :math:`dx/dn = (b-a)/2^{bits}`, and :math:`\log P(n) \ge E_u[\log p_x(x)] + D\log((b-a)/2^{bits})`
+      (Theis et al. 2016), so
+
+      .. math:: \text{bpd} = \frac{-\log p_x(x)}{D\ln 2} - \log_2(b-a) + \text{bits},
+
+      an upper bound on the discrete NLL in expectation over u.  For 8-bit data in [-1, 1] the
+      offset is :math:`8 - \log_2 2 = 7` (score_sde's "+7"); in [0, 1] it is 8.
+    - ``dequantization="none"``: the model saw the grid points
+      :math:`x = a + (b-a)\,n/(2^{bits}-1)` (no noise; endpoints map to a and b).
+      :math:`dx/dn = (b-a)/(2^{bits}-1)`, the Jacobian term is :math:`D\log((b-a)/(2^{bits}-1))`:
+
+      .. math:: \text{bpd} = \frac{-\log p_x(x)}{D\ln 2} - \log_2\frac{b-a}{2^{bits}-1}.
+
+      This reads the density as a probability per integer bin; it is *not* a bound (a
+      continuous density on undequantized data can be arbitrarily large).
+
+    ``log_prob``: a tensor (``[B]`` or any shape; returned as a tensor) or a number (returned
+    as a float).  Combinations it cannot interpret -- ``data_range`` without
+    ``dequantization`` or the reverse, ``bits`` without ``data_range``, ``a >= b``, an
+    unknown dequantization, ``bits`` outside 1..32 -- raise ValueError naming the argument.
+    """
+    d = check_int(num_dims, "num_dims", minimum=1)
+    if isinstance(log_prob, Tensor):
+        if not log_prob.is_floating_point():
+            raise TypeError(f"log_prob must be floating point, got {log_prob.dtype}")
+        lp = log_prob
+    elif isinstance(log_prob, numbers.Real) and not isinstance(log_prob, bool):
+        lp = float(log_prob)
+    else:
+        raise TypeError(f"log_prob must be a tensor or a number, got {type(log_prob).__name__}")
+    offset = 0.0
+    if data_range is None:
+        if dequantization is not None:
+            raise ValueError("dequantization needs data_range=(a, b): the model's range the integer data "
+                             "were scaled to")
+        if bits is not None:
+            raise ValueError("bits needs data_range=(a, b) and dequantization (the discrete-data conventions); "
+                             "without them bits_per_dim is -log_prob/(num_dims ln 2)")
+    else:
+        if dequantization is None:
+            raise ValueError("data_range needs dequantization='uniform' (x = a + (b-a)(n+u)/2^bits) or "
+                             "'none' (x = a + (b-a) n/(2^bits - 1)); the two conventions differ")
+        _check_choice(dequantization, "dequantization", ("uniform", "none"))
+        if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
+            raise ValueError(f"data_range must be a pair (a, b), got {data_range!r}")
+        a = check_float(data_range[0], "data_range[0]")
+        hi = check_float(data_range[1], "data_range[1]")
+        if not hi > a:
+            raise ValueError(f"data_range must have a < b, got ({a}, {hi})")
+        nbits = check_int(8 if bits is None else bits, "bits", minimum=1)
+        if nbits > 32:
+            raise ValueError(f"bits must be in 1..32, got {nbits}")
+        levels = 2.0 ** nbits if dequantization == "uniform" else 2.0 ** nbits - 1.0
+        # log p_n = log p_x + D log(dx/dn), dx/dn = (b - a)/levels
+        offset = d * math.log((hi - a) / levels)
+    return -(lp + offset) / (d * math.log(2.0))
