@@ -161,6 +161,7 @@ class UniPC(ExponentialMultistep):
                                  dtype=torch.float64) * tab.alpha64[i]
                 corr[i] = w.to(dtype=like.dtype, device=like.device)
         tab.corr = corr
+        tab.corr_f = [None if c is None else c.tolist() for c in corr]
         tab.corr_orders = [0 if c is None else int(c.numel()) - 1 for c in corr]
         return tab
 
@@ -171,8 +172,8 @@ class UniPC(ExponentialMultistep):
         k = tab.corr_orders[i]
         if k == 0:
             return x, hist
-        c = tab.corr[i]
-        out = x + c[0] * x0_new
+        c = tab.corr_f[i]                       # Python floats: fused in-place accumulation
+        out = torch.add(x, x0_new, alpha=c[0])
         for j in range(k):
-            out = out + c[j + 1] * hist.x0[-1 - j]
+            out.add_(hist.x0[-1 - j], alpha=c[j + 1])
         return out, hist
