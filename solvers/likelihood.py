@@ -38,29 +38,37 @@ Rademacher probes are exact on a diagonal Jacobian (:math:`\epsilon_i^2 = 1`).
 
 **Forward or reverse mode** (``products``): ``"vjp"`` (default) runs the network once with a
 local graph on a detached copy of the state and takes the d (or k) vector-Jacobian products
-from that one forward pass in one batched backward (``torch.autograd.grad(...,
-is_grads_batched=True)``); ``"jvp"`` maps forward-mode products over the basis (or the
-probes) with ``torch.func.vmap(torch.func.jvp)``.  Measured on the CPU (one thread, medians,
-ms per evaluation of the drift and its exact divergence; ``python benchmarks/likelihood.py
---products``), an MLP of width 256 with 3 hidden layers (SiLU):
+from that one forward pass in batched backward passes (``torch.autograd.grad(...,
+is_grads_batched=True)``, ``chunk_size`` cotangents at a time; Hutchinson: all k at once); ``"jvp"`` maps forward-mode products over the basis (or the
+probes) with ``torch.func.vmap(torch.func.jvp)``.  Measured on the CPU (one thread, a shared
+2-core machine, ms per evaluation of the drift and its exact divergence through this module's
+own code with its default chunking, median of 15 runs interleaved vjp/jvp; ``python
+benchmarks/likelihood.py --only-products``):
 
-======================  =======  =======  =========
-case                    vjp      jvp      jvp/vjp
-======================  =======  =======  =========
-float32, d=16, B=512     see the table in benchmarks/likelihood.py output, recorded below
-======================  =======  =======  =========
+=====================================  =======  =======  =======
+net, dtype, d, batch                   vjp      jvp      jvp/vjp
+=====================================  =======  =======  =======
+MLP (256 x 3, SiLU), float32, 16, 512    54.7     87.6     1.60
+MLP, float32, 64, 256                    92.1    155.6     1.69
+MLP, float32, 256, 64                   133.4    191.7     1.44
+MLP, float64, 16, 512                   101.2    148.1     1.46
+MLP, float64, 64, 256                   245.4    361.0     1.47
+MLP, float64, 256, 64                   366.9    506.3     1.38
+exact GMM net (K=4), float64, 16, 512    10.7     39.8     3.73
+=====================================  =======  =======  =======
 
-PRODUCTS_TABLE
-
-Reverse mode is the faster and the default.
+With one chunk of all d basis vectors for both modes, jvp/vjp was 1.08-2.0 on the same cases.
+Reverse mode is the faster and the default.  (On tiny problems forward mode also pays
+torch.func's per-call overhead, measured ~4 ms per vmapped call on a 5-d MLP, and a one-time
+~2 s load of its forward-AD decompositions.)
 
 **NFE** is counted at the model (each call of ``net``).  With ``products="vjp"`` each
 evaluation of the augmented right-hand side is exactly one network call: the products come
-from the backward pass of that same forward, so they are not NFE (``stats["products"]``
-counts them).  With ``products="jvp"`` the vmapped function -- and so the network, once, on
-a batch expanded by the chunk of tangents -- runs once per chunk of basis vectors (once in
-all for Hutchinson): one NFE per chunk, although each such call costs about ``chunk``
-forward passes.
+from the backward pass of that same forward, so they are not NFE (``stats["products_count"]``
+counts them; ``stats["evaluations"]`` counts right-hand-side evaluations).  With
+``products="jvp"`` the vmapped function -- and so the network, once, on a batch expanded by
+the chunk of tangents -- runs once per chunk of basis vectors (once in all for Hutchinson):
+one NFE per chunk, although each such call costs about ``chunk`` forward passes.
 
 **Memory.**  Nothing of the graph survives an evaluation: the state is detached before the
 local ``enable_grad``, the network's parameters are never differentiated (only the state is),
@@ -77,6 +85,12 @@ integral -- and raises :class:`SolverError` unless ``on_failure="record"``.
 
 **Encoding.**  :func:`encode` runs the ``pf_ode`` solver forward (data to latent) on the
 same drift; decoding is ``solvers.sample(model, z, "pf_ode", t_end=...)``.
+
+**Limits.**  On CUDA every evaluation synchronises once (the finiteness check), as the adaptive
+step control already does.  A :class:`~scoresde.sde.DiscreteVPSDE` has piecewise-constant
+:math:`f, g^2` (N knots in t): dopri5's error estimate does not see the kinks well, so the
+integral converges slowly (measured, N = 1000, Gaussian d=2: error 2e-3 nats at rtol 1e-6 and
+1.3e-3 at 1e-7, about 2e4 NFE at 1e-8); the continuous schedules converge at the tolerance.
 """
 from __future__ import annotations
 
@@ -104,6 +118,10 @@ EXACT_TRACE_WARN_DIMS = 256
 #: Default chunking of the exact trace: at most this many elements in one batch of basis
 #: cotangents (chunk x batch x dims); 2**23 float64 elements = 64 MiB.
 _CHUNK_ELEMENTS = 2 ** 23
+#: On the CPU also at most this many rows (chunk x batch) per batched backward: measured on
+#: MLPs (d = 16..256, B = 64..512) and the exact mixture net, one batched backward over all d
+#: basis vectors was up to 1.5x slower than chunks of 1024-4096 rows (cache-sized).
+_CPU_CHUNK_ROWS = 2048
 
 _TRACES = ("exact", "hutchinson")
 _NOISES = ("rademacher", "gaussian")
@@ -271,13 +289,15 @@ class _Problem:
         self.fixed = method in _FIXED
         self.t_span = torch.tensor([t_end, self.T], dtype=self.tdtype, device=device)
         self.grid = torch.linspace(t_end, self.T, steps + 1, dtype=self.tdtype, device=device) if self.fixed else None
+        self.evaluations = 0       # over every solve of the call, failed ones included
 
     # -- divergence ------------------------------------------------------------
     def _basis(self, i: int, j: int, like: Tensor) -> Tensor:
         """Basis vectors e_i .. e_{j-1}, shaped ``[j - i, B, *like.shape[1:]]`` (stride 0 over B)."""
         d = like[0].numel()
         e = torch.zeros(j - i, d, dtype=like.dtype, device=like.device)
-        e[torch.arange(j - i), torch.arange(i, j)] = 1.0
+        r = torch.arange(j - i, device=like.device)
+        e[r, r + i] = 1.0
         return e.reshape(j - i, 1, *like.shape[1:]).expand(j - i, *like.shape)
 
     def _vjp(self, drift, y: Tensor, t64: Tensor, V: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -346,6 +366,7 @@ class _Problem:
             y = state[0]
             ev.step_index = count["evals"]
             count["evals"] += 1
+            self.evaluations += 1
             t64 = t.detach().to(torch.float64).clamp(t_lo, t_hi)   # never outside [t_end, T]
             v, div = div_fn(drift, y, t64, V)
             ok = torch.isfinite(v).reshape(b, -1).all(1) & torch.isfinite(div).reshape(b, -1).all(1)
@@ -384,14 +405,16 @@ class _Problem:
             msg = str(err)
             kind = "step_size_underflow" if "underflow" in msg else "nonfinite" if "non-finite" in msg else "failed"
             raise _Failed(kind, f"{kind.replace('_', ' ')} at t={track['t']:.6g}: {msg[:200]}") from None
-        ev.check_deferred()
         attempts = count["attempts"]
         accepted = self.steps if self.fixed else count["accepted"]
         return _Outcome(xs[-1], ds[-1], count["evals"], accepted, 0 if self.fixed else attempts - accepted)
 
 
-def _default_chunk(d: int, b: int) -> int:
-    return max(1, min(d, _CHUNK_ELEMENTS // max(1, b * d)))
+def _default_chunk(d: int, b: int, device: torch.device) -> int:
+    chunk = _CHUNK_ELEMENTS // max(1, b * d)
+    if device.type == "cpu":
+        chunk = min(chunk, _CPU_CHUNK_ROWS // max(1, b))
+    return max(1, min(d, chunk))
 
 
 # ------------------------------------------------------------------ public API
@@ -422,15 +445,19 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
       their average.  ``noise``: ``"rademacher"`` or ``"gaussian"``.  ``generator``: a
       ``torch.Generator`` (probes drawn ``[B, probes, ...]`` sample-major), a list of them (one
       per sample: a sample's probes then do not depend on the batch), or None.
-    - ``per_sample``: integrate each sample separately (B solves; bitwise independent of the
-      batch).  Default: the batch shares the adaptive steps (results depend on the batch only
-      within the tolerance).
+    - ``per_sample``: integrate each sample separately (B solves, each on a batch of one: the
+      result is bitwise independent of the batch, given the exact trace or one generator per
+      sample).  Default: the batch shares the adaptive steps, the error norm being taken over
+      all samples, so a sample's result depends on its batch-mates through the step sizes, i.e.
+      within the tolerance (measured on a 3-d MLP model, rtol 1e-5: 2.4e-7 nats).
     - ``max_steps``: step attempts (accepted + rejected) per solve.
     - ``chunk_size`` (exact trace): basis vectors per batched product (default: as many as keep a
-      chunk's cotangents under 2**23 elements).  ``allow_expensive``: silence the warning for
+      chunk's cotangents under 2**23 elements, and on the CPU a chunk under 2048 rows, chunk x B,
+      which measured fastest).  ``allow_expensive``: silence the warning for
       ``trace="exact"`` above :data:`EXACT_TRACE_WARN_DIMS` dimensions.
     - ``products``: ``"vjp"`` (reverse mode, default, the faster measured) or ``"jvp"``.
-    - ``on_failure``: ``"raise"`` (:class:`SolverError` whose ``status`` holds the per-sample
+    - ``on_failure``: ``"raise"`` (:class:`SolverError`, :class:`NonFiniteError` for a non-finite
+      drift or divergence, whose ``status`` holds the per-sample
       statuses and ``partial`` the :class:`LikelihoodResult`) or ``"record"`` (return; failed
       samples have status != "success" and NaN values).  With a shared step a failing batch is
       retried without its non-finite samples, or split in halves after ``max_steps``/underflow,
@@ -466,10 +493,11 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
     generator = _check_generator(generator, b, x.device)
     _check_net_device(model, x)
     d = x[0].numel() if b else math.prod(x.shape[1:])
-    chunk = chunk_size if chunk_size is not None else _default_chunk(d, max(b, 1))
+    chunk = chunk_size if chunk_size is not None else _default_chunk(d, max(b, 1), x.device)
     chunk = min(chunk, max(d, 1))
     if trace == "exact" and d > EXACT_TRACE_WARN_DIMS and not allow_expensive:
-        msg = (f"trace='exact' on d={d} dimensions computes {d} Jacobian-vector products per evaluation "
+        kind = "vector-Jacobian" if products == "vjp" else "Jacobian-vector"
+        msg = (f"trace='exact' on d={d} dimensions computes {d} {kind} products per evaluation "
                f"(about {d} backward passes of the network, {math.ceil(d / chunk)} batched chunks of "
                f"{chunk}); use trace='hutchinson' or pass allow_expensive=True")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -503,7 +531,8 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
             dl = delta.mean(dim=1)
             se = delta.std(dim=1, correction=1) / math.sqrt(k) if k > 1 else torch.full_like(dl, float("nan"))
         prior = sde.prior_log_prob(z).to(x.dtype) if b else x.new_zeros(0)
-        n_products = totals["evaluations"] * (d if k is None else k)
+        totals["evaluations"] = problem.evaluations
+        n_products = problem.evaluations * (d if k is None else k)
         st = {**stats, **totals, "products_count": n_products, "status_counts": _counts(status)}
         return LikelihoodResult(prior + dl, prior, dl, z, model.nfe - nfe0, tuple(status), se, st)
 
@@ -517,42 +546,37 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
                       f"({kind}): {msg}; nfe={res.nfe}. Pass on_failure='record' to keep the other samples",
                       nfe=res.nfe, status=res.status, partial=res) from err
 
-    def run(idx: list[int]) -> None:
+    def run(idx: list[int]) -> list[list[int]]:
+        """Solve the samples ``idx`` together; returns the sub-batches still to solve."""
         sel = torch.tensor(idx, dtype=torch.long, device=x.device)
+        totals["solves"] += 1
         try:
             out = problem.solve(x[sel], None if V is None else V[:, sel])
-        except _NonFinite as err:
-            totals["solves"] += 1
+        except _NonFinite as err:            # the failing samples are known: drop them, retry the rest
             bad = [idx[i] for i in err.samples]
             fail("nonfinite", str(err), bad, err)
-            rest = [i for i in idx if i not in set(bad)]
-            if rest:
-                run(rest)
-            return
-        except _Failed as err:
-            totals["solves"] += 1
+            gone = set(bad)
+            rest = [i for i in idx if i not in gone]
+            return [rest] if rest else []
+        except _Failed as err:               # a shared failure: split until the culprits are isolated
             if len(idx) == 1 or on_failure == "raise":
                 fail(err.kind, str(err), idx, err)
-                return
+                return []
             half = len(idx) // 2
-            run(idx[:half])
-            run(idx[half:])
-            return
-        totals["solves"] += 1
-        totals["evaluations"] += out.evaluations
+            return [idx[:half], idx[half:]]
         totals["accepted_steps"] += out.accepted
         totals["rejected_steps"] += out.rejected
         z[sel] = out.z
         delta[sel] = out.delta
         for i in idx:
             status[i] = "success"
+        return []
 
-    if b:
-        if per_sample:
-            for i in range(b):
-                run([i])
-        else:
-            run(list(range(b)))
+    pending = [[i] for i in range(b)] if per_sample else ([list(range(b))] if b else [])
+    pending.reverse()                            # a stack: solve in sample order
+    while pending:
+        more = run(pending.pop())
+        pending.extend(reversed(more))
     return finish()
 
 
