@@ -164,7 +164,7 @@ class _GaussianFamily:
         """(score, alpha, sigma^2) in float64, alpha and sigma^2 shaped ``[B, 1]``."""
         self._check_x(x)
         a, s2 = self._schedule(sde, t, x.shape[0], x.device)
-        _, score = self._chunked(x.detach().to(torch.float64), a, s2, True)
+        _, score = self._chunked(x.to(torch.float64), a, s2, True)
         return score, a[:, None], s2[:, None]
 
     def score(self, x: Tensor, t: Any, sde: LinearSDE) -> Tensor:
@@ -189,7 +189,7 @@ class _GaussianFamily:
         Computed in float64 throughout (the sum cancels when :math:`\sigma_t` is large),
         then cast to ``x.dtype``."""
         score, a, s2 = self._score64(x, t, sde)
-        return ((x.detach().to(torch.float64) + s2 * score) / a).to(x.dtype)
+        return ((x.to(torch.float64) + s2 * score) / a).to(x.dtype)
 
     def marginal(self, sde: LinearSDE, t: Any):
         r"""The distribution of :math:`x_t` (same type): means :math:`\alpha_t\mu_k`,
