@@ -5,22 +5,7 @@ import torch
 
 import scoresde
 import solvers
-
-
-class OU(scoresde.SDE):
-    """dx = -b/2 x dt + sqrt(b) dW: the constant-rate VP process written as a plain SDE."""
-
-    T = 1.0
-    default_t_end = 1e-3
-
-    def __init__(self, b=4.0):
-        self.b = b
-
-    def drift(self, x, t):
-        return -0.5 * self.b * x
-
-    def diffusion(self, t):
-        return torch.full_like(torch.as_tensor(t, dtype=torch.float64), self.b ** 0.5)
+from _shared import OU
 
 
 def _setup():

@@ -36,6 +36,7 @@ import scoresde
 import solvers
 from conftest import make_sde
 from solvers import LikelihoodResult, NonFiniteError, SolverError, bits_per_dim, encode, log_likelihood
+from _shared import OU
 
 F64 = torch.float64
 
@@ -177,22 +178,6 @@ def test_every_prediction_type(prediction):
     res = log_likelihood(target.as_model(sde, prediction), x, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(res.log_prob, exact_model_log_prob(target, sde, x, sde.default_t_end),
                                rtol=0, atol=1e-6)
-
-
-class OU(scoresde.SDE):
-    """dx = -b/2 x dt + sqrt(b) dW, the constant-rate VP process written as a user's plain SDE."""
-
-    T = 1.0
-    default_t_end = 1e-3
-
-    def __init__(self, b=4.0):
-        self.b = b
-
-    def drift(self, x, t):
-        return -0.5 * self.b * x
-
-    def diffusion(self, t):
-        return torch.full_like(torch.as_tensor(t, dtype=F64), self.b ** 0.5)
 
 
 def test_general_sde_through_its_pf_drift():

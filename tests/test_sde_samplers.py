@@ -24,6 +24,7 @@ import scoresde
 import solvers
 from solvers.noise import ZeroNoise
 from solvers.sde_samplers import _BrownianMemory
+from _shared import OU as _OU
 
 F64 = torch.float64
 
@@ -720,22 +721,6 @@ def test_bad_sample_arguments_raise_before_any_nfe():
 
 
 # ------------------------------------------------------------------- general SDEs
-class _OU(scoresde.SDE):
-    """dx = -b/2 x dt + sqrt(b) dW written as a plain SDE (the constant-rate VP process)."""
-
-    T = 1.0
-    default_t_end = 1e-3
-
-    def __init__(self, b=4.0):
-        self.b = b
-
-    def drift(self, x, t):
-        return -0.5 * self.b * x
-
-    def diffusion(self, t):
-        return torch.full_like(torch.as_tensor(t, dtype=F64), self.b ** 0.5)
-
-
 def _general_and_twin():
     twin = scoresde.VPSDE(beta_min=4.0, beta_max=4.0)
     net = lambda x, t: TARGET.score(x, t.to(F64), twin).to(x.dtype)  # noqa: E731
