@@ -1,0 +1,513 @@
+r"""Peers, side by side (optional ``bench`` extra): diffusers schedulers and k-diffusion samplers
+on the same exact problems, with their conventions converted exactly.
+
+**One map per peer run.**  The probability-flow ODE between two noise levels depends only on
+their log-SNRs :math:`\lambda = \log(\alpha^2/\sigma^2)`, not on the SDE that parameterises
+time.  Every peer run is therefore described by the map it actually computes, read from the
+peer's own arrays after ``set_timesteps`` / from its sigma grid:
+
+- ``lam_start``: the noise level of the state it starts from (its first timestep);
+- an end: ``"denoise"`` (its last step jumps to sigma = 0 with a first-order step, i.e. it
+  returns the Tweedie estimate :math:`\hat x_0` at the last evaluated level ``lam_last``),
+  ``"flow0"`` (a higher-order step to sigma = 0: the flow to the data end, approximated by
+  sigma/alpha = 1e-7) or ``"sigma"`` (it stops at ``lam_end`` > -inf).
+
+The reference is the exact map for that run (closed-form flow for the Gaussian, a chain of
+tight pf_ode solves for the mixtures) on a continuous VP SDE (``REF_SDE``) at the same
+log-SNRs, followed by the exact :math:`\hat x_0` for ``"denoise"``.  Our methods are run on
+the same map (same start samples, same end, the same NFE; a ``"denoise"`` map costs us one
+NFE for ``final_denoise``), on our own grids.
+
+**Conventions.**  diffusers: a DDPM schedule of 1000 steps (its defaults: linear betas
+1e-4..0.02); the exact model is evaluated at the noise level the scheduler assigns to the
+timestep it passes (its own ``timesteps``/``sigmas`` table; for integer timesteps this is
+:math:`\bar\alpha_\tau` of ``scoresde.DiscreteVPSDE(alphas_cumprod=...)`` at
+:math:`t = (\tau+1)/N`, checked), on the VP-scaled input it receives (after
+``scale_model_input``).  Euler/Heun keep the state in sigma space (:math:`x/\alpha`);
+the others in VP space.  diffusers upcasts to float32 inside ``step``: its error floor is about
+1e-7 relative.  k-diffusion: sigma space, :math:`\hat x = x/\alpha`, denoiser
+:math:`D(\hat x, \hat\sigma) = \hat x_0(\alpha\hat x)`, Karras grid (rho = 7) from
+:math:`\hat\sigma_{max}` of VP at T to :math:`\hat\sigma_{min}` at the suite's ``t_end``, then 0
+(``dpm_fast`` stops at :math:`\hat\sigma_{min}`); run with float64 as the default dtype so
+that its grids are float64 like its state.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+import sys
+import time
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import scoresde
+import solvers
+
+from .metrics import fit_order
+from .problems import F64, Problem, end_time, reference_map, rms, start_samples
+
+#: the continuous VP on which every peer map is expressed (T = 1.1 reaches diffusers' first
+#: timestep, log-SNR -10.12, beyond VPSDE()'s -10.05 at t = 1)
+REF_SDE = scoresde.VPSDE(T=1.1)
+#: sigma/alpha standing for "sigma = 0" (an error of O(1e-14))
+SIGMA_ZERO = 1e-7
+
+COMPARE_NFE = (5, 6, 8, 10, 15, 20, 50)
+ORDER_NFE = (10, 14, 20, 28, 40, 56, 80, 113, 160)
+
+
+def t_of_lam(lam: float) -> float:
+    return float(REF_SDE.t_of_log_snr(torch.tensor(lam, dtype=F64)))
+
+
+def lam_of_t(t: float) -> float:
+    return float(REF_SDE.log_snr(torch.tensor(t, dtype=F64)))
+
+
+@dataclass
+class PeerRun:
+    x: torch.Tensor          # output, VP scale (data scale after a denoise/flow0 end)
+    x_start: torch.Tensor    # the VP-scale start samples
+    nfe: int
+    lam_start: float
+    lam_last: float          # noise level of the last evaluation
+    end: str                 # "denoise" | "flow0" | "sigma"
+    lam_end: float           # where the map ends ("sigma"), else +inf
+    seconds: float = 0.0
+
+
+@dataclass
+class Peer:
+    name: str
+    family: str
+    order: float
+    runner: Callable         # (n, problem, exact, dtype, timer) -> PeerRun
+    nfe_of: Callable[[int], int] = lambda n: n
+    note: str = ""
+    steps_for: Callable[[int], int] = field(default=None)
+
+    def n_for(self, target: int) -> int | None:
+        best = None
+        for n in range(1, target + 1):
+            if self.nfe_of(n) <= target:
+                best = n
+        return best
+
+
+# --------------------------------------------------------------------- exact models
+class ExactVP:
+    """Exact eps / x0 of a target at a given log-SNR, on VP-scaled inputs; counts calls."""
+
+    def __init__(self, problem: Problem):
+        self.target = problem.target
+        self.calls = 0
+        self.lams: list[float] = []
+
+    def eps(self, x_vp: torch.Tensor, lam: float) -> torch.Tensor:
+        self.calls += 1
+        self.lams.append(lam)
+        return self.target.eps(x_vp, t_of_lam(lam), REF_SDE)
+
+    def x0(self, x_vp: torch.Tensor, lam: float) -> torch.Tensor:
+        self.calls += 1
+        self.lams.append(lam)
+        return self.target.x0(x_vp, t_of_lam(lam), REF_SDE)
+
+
+def _start(problem: Problem, lam: float, n: int | None = None) -> torch.Tensor:
+    return start_samples(problem, REF_SDE, t_start=t_of_lam(lam), n=n, seed=41)
+
+
+@contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ------------------------------------------------------------------------- diffusers
+def _diffusers_runner(cls_name: str, kwargs: dict, sigma_state: bool, check_kwargs: dict | None = None):
+    """A runner for a diffusers scheduler.  ``sigma_state``: the scheduler keeps x/alpha
+    (Euler, Heun) rather than the VP-scaled x.  ``check_kwargs``: the options of the order
+    check (a grid whose map does not move with n, e.g. Karras sigmas)."""
+    check_kwargs = check_kwargs or {}
+
+    def run(n: int, problem: Problem, net=None, samples: int | None = None, check: bool = False) -> PeerRun:
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+        sched = getattr(diffusers, cls_name)(**{**kwargs, **(check_kwargs if check else {})})
+        t_set = time.perf_counter()
+        sched.set_timesteps(n)
+        t_set = time.perf_counter() - t_set   # part of a sampling call: counted in the overhead
+        ac = sched.alphas_cumprod.to(F64)
+        dsde = scoresde.DiscreteVPSDE(alphas_cumprod=ac)
+        sig = getattr(sched, "sigmas", None)
+        sig = [float(s) for s in sig] if sig is not None and len(sig) >= len(sched.timesteps) else None
+
+        def lam_of(i: int, tau: float) -> float:
+            """The noise level of the i-th evaluation: the scheduler's own sigma for that step
+            where it has one, else alphas_cumprod at the (integer) timestep."""
+            if sig is not None and sig[i] > 0:
+                return -2.0 * math.log(sig[i])
+            k = int(round(tau))
+            if abs(tau - k) > 1e-6:
+                raise ValueError(f"{cls_name}: fractional timestep {tau} without a sigma table")
+            # DiscreteVPSDE's knot t = (k + 1)/N carries alphas_cumprod[k]
+            return float(dsde.log_snr(torch.tensor((k + 1) / dsde.num_steps, dtype=F64)))
+
+        taus = [float(t) for t in sched.timesteps.tolist()]
+        lam0 = lam_of(0, taus[0])
+        # the end: sigma = 0 after the last step (sigmas[-1] = 0, or DDIM's final alpha 1)
+        if sig is not None:
+            s_final = sig[-1]
+        else:
+            fa = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
+            s_final = math.sqrt(max(1.0 - fa, 0.0) / fa)
+        x_vp0 = _start(problem, lam0, samples)
+        exact = ExactVP(problem)
+        state = x_vp0 * math.sqrt(1.0 + math.exp(-lam0)) if sigma_state else x_vp0.clone()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i, tau in enumerate(sched.timesteps):
+                x_in = sched.scale_model_input(state, tau)
+                if net is not None:
+                    exact.calls += 1
+                    eps = net(x_in, tau.reshape(1).expand(x_in.shape[0]))
+                else:
+                    eps = exact.eps(x_in, lam_of(i, taus[i]))
+                state = sched.step(eps, tau, state).prev_sample
+        secs = time.perf_counter() - t0 + t_set
+        lam_last = exact.lams[-1] if exact.lams else lam0
+        if s_final == 0.0:
+            end, lam_end, x_out = "denoise", math.inf, state
+        else:
+            lam_end = -2.0 * math.log(s_final)
+            end = "sigma"
+            x_out = state / math.sqrt(1.0 + math.exp(-lam_end)) if sigma_state else state
+        return PeerRun(x_out.to(F64), x_vp0, exact.calls, lam0, lam_last, end, lam_end, secs)
+
+    return run
+
+
+# ---------------------------------------------------------------------- k-diffusion
+_KD = None
+
+
+def load_kdiffusion():
+    """k-diffusion's sampling module alone (its package __init__ imports torchvision): a stub
+    package with the one ``utils`` function the module uses."""
+    global _KD
+    if _KD is not None:
+        return _KD
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or spec.origin is None:
+        raise ImportError("k-diffusion is not installed")
+    path = Path(spec.origin).parent / "sampling.py"
+    pkg = types.ModuleType("_kdiffusion_stub")
+    pkg.__path__ = []
+    utils = types.ModuleType("_kdiffusion_stub.utils")
+
+    def append_dims(x, target_dims):
+        n = target_dims - x.ndim
+        if n < 0:
+            raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}")
+        return x[(...,) + (None,) * n]
+
+    utils.append_dims = append_dims
+    pkg.utils = utils
+    sys.modules["_kdiffusion_stub"] = pkg
+    sys.modules["_kdiffusion_stub.utils"] = utils
+    mspec = importlib.util.spec_from_file_location("_kdiffusion_stub.sampling", path)
+    mod = importlib.util.module_from_spec(mspec)
+    sys.modules["_kdiffusion_stub.sampling"] = mod
+    mspec.loader.exec_module(mod)
+    _KD = mod
+    return mod
+
+
+def kd_sigma_range() -> tuple[float, float]:
+    vp = scoresde.VPSDE()
+    lam_max = float(vp.log_snr(torch.tensor(vp.T, dtype=F64)))
+    lam_min = float(vp.log_snr(torch.tensor(end_time(vp), dtype=F64)))
+    return math.exp(-0.5 * lam_min), math.exp(-0.5 * lam_max)
+
+
+def _kd_runner(fn_name: str, end: str, fast: bool = False, **fn_kwargs):
+    def run(n: int, problem: Problem, net=None, samples: int | None = None, check: bool = False) -> PeerRun:
+        kd = load_kdiffusion()
+        s_min, s_max = kd_sigma_range()
+        exact = ExactVP(problem)
+
+        def denoiser(x, sigma):
+            s = float(sigma.reshape(-1)[0])
+            scale = 1.0 / math.sqrt(1.0 + s * s)
+            if net is not None:
+                exact.calls += 1
+                eps = net(x * scale, torch.full((x.shape[0],), math.log(s), dtype=x.dtype))
+                return x - s * eps
+            return exact.x0(x * scale, -2.0 * math.log(s))
+
+        # float64 grids for the float64 accuracy runs; the overhead runs (a float32 net) keep float32
+        with default_dtype(F64 if net is None else torch.float32):
+            if fast:
+                lam0, lam_end = -2.0 * math.log(s_max), -2.0 * math.log(s_min)
+                t_set = 0.0
+            else:
+                t_set = time.perf_counter()
+                sigmas = kd.get_sigmas_karras(n, s_min, s_max, rho=7.0)
+                t_set = time.perf_counter() - t_set
+                lam0 = -2.0 * math.log(float(sigmas[0]))
+            x_vp0 = _start(problem, lam0, samples)
+            x = x_vp0 * math.sqrt(1.0 + math.exp(-lam0))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if fast:
+                    out = kd.sample_dpm_fast(denoiser, x, s_min, s_max, n, disable=True, **fn_kwargs)
+                else:
+                    out = getattr(kd, fn_name)(denoiser, x, sigmas, disable=True, **fn_kwargs)
+            secs = time.perf_counter() - t0 + t_set
+        lam_last = exact.lams[-1] if exact.lams else lam0
+        if fast:
+            return PeerRun(out / math.sqrt(1.0 + math.exp(-lam_end)), x_vp0, exact.calls, lam0, lam_last,
+                           "sigma", lam_end, secs)
+        return PeerRun(out, x_vp0, exact.calls, lam0, lam_last, end, math.inf, secs)
+
+    return run
+
+
+def available_peers() -> tuple[list[Peer], list[str]]:
+    """The peers whose library imports, and a note for each family that does not."""
+    peers, missing = [], []
+    try:
+        import diffusers  # noqa: F401
+        D = _diffusers_runner
+        karras = {"use_karras_sigmas": True}
+        peers += [
+            Peer("diffusers DPMSolverMultistep(2)", "diffusers", 2,
+                 D("DPMSolverMultistepScheduler", {"solver_order": 2}, False, karras)),
+            Peer("diffusers DPMSolverMultistep(3)", "diffusers", 3,
+                 D("DPMSolverMultistepScheduler", {"solver_order": 3}, False, karras)),
+            Peer("diffusers DPMSolverSinglestep(2)", "diffusers", 2,
+                 D("DPMSolverSinglestepScheduler", {}, False, karras)),
+            Peer("diffusers UniPCMultistep(2, bh2)", "diffusers", 3, D("UniPCMultistepScheduler", {}, False, karras),
+                 note="UniPC-2 with its corrector: order 3"),
+            Peer("diffusers DEISMultistep(2)", "diffusers", 2, D("DEISMultistepScheduler", {}, False, karras)),
+            # clip_sample=False: the default clips x0 to [-1, 1] (an image-data assumption that
+            # changes the problem); eta = 0
+            Peer("diffusers DDIM", "diffusers", 1, D("DDIMScheduler", {"clip_sample": False}, False),
+                 note="clip_sample=False"),
+            Peer("diffusers EulerDiscrete", "diffusers", 1, D("EulerDiscreteScheduler", {}, True, karras)),
+            Peer("diffusers HeunDiscrete", "diffusers", 2, D("HeunDiscreteScheduler", {}, True, karras),
+                 nfe_of=lambda n: 2 * n - 1),
+        ]
+    except ImportError:
+        missing.append("diffusers (pip install diffusers)")
+    try:
+        load_kdiffusion()
+        K = _kd_runner
+        peers += [
+            Peer("k-diffusion euler", "k-diffusion", 1, K("sample_euler", "denoise")),
+            Peer("k-diffusion heun", "k-diffusion", 2, K("sample_heun", "denoise"), nfe_of=lambda n: 2 * n - 1),
+            Peer("k-diffusion dpm_2", "k-diffusion", 2, K("sample_dpm_2", "denoise"), nfe_of=lambda n: 2 * n - 1),
+            Peer("k-diffusion lms", "k-diffusion", 4, K("sample_lms", "flow0"),
+                 note="order-4 linear multistep in sigma"),
+            Peer("k-diffusion dpmpp_2m", "k-diffusion", 2, K("sample_dpmpp_2m", "denoise")),
+            Peer("k-diffusion dpm_fast", "k-diffusion", 3, K(None, "sigma", fast=True),
+                 note="DPM-Solver-fast: NFE budget split into orders 3, 2, 1"),
+        ]
+    except ImportError as err:
+        missing.append(f"k-diffusion ({err})")
+    return peers, missing
+
+
+# ---------------------------------------------------------------- reference and ours
+def map_times(run: PeerRun) -> tuple[float, float, bool]:
+    """(t_start, t_end, denoise) of the run's map on REF_SDE."""
+    ts = t_of_lam(run.lam_start)
+    if run.end == "denoise":
+        return ts, t_of_lam(run.lam_last), True
+    if run.end == "flow0":
+        return ts, t_of_lam(-2.0 * math.log(SIGMA_ZERO)), False
+    return ts, t_of_lam(run.lam_end), False
+
+
+class RefCache:
+    """Exact maps, cached by (problem, start, end)."""
+
+    def __init__(self):
+        self.cache: dict = {}
+
+    def get(self, problem: Problem, run: PeerRun) -> torch.Tensor:
+        ts, te, den = map_times(run)
+        key = (problem.name, round(ts, 13), round(te, 13), den, run.x_start.shape[0])
+        if key not in self.cache:
+            model = problem.target.as_model(REF_SDE, "eps")
+            x = reference_map(problem, model, run.x_start, ts, [te])[te]
+            if den:
+                x = problem.target.x0(x, te, REF_SDE)
+            self.cache[key] = x
+        return self.cache[key]
+
+
+#: our candidates on a peer's map: methods x grids (our grid choice is ours to make; the map,
+#: the start samples and the NFE are the peer's)
+OURS_METHODS = [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"order": 2}), ("unipc", {"order": 3}),
+                ("dpm_solver_3", {})]
+OURS_SCHEDULES = ("log_snr", "karras", "quadratic", "uniform")
+OURS = [(m, o, s) for m, o in OURS_METHODS for s in OURS_SCHEDULES]
+
+
+def ours_label(name: str, opts: dict, schedule: str | None = None) -> str:
+    o = ",".join(f"{k}={v}" for k, v in opts.items())
+    base = f"{name}({o})" if o else name
+    return f"{base} [{schedule}]" if schedule else base
+
+
+def ours_on_map(problem: Problem, run: PeerRun, name: str, opts: dict, nfe: int, ref: torch.Tensor,
+                schedule: str | None = None) -> tuple[float, int] | None:
+    from .metrics import steps_for_nfe
+
+    ts, te, den = map_times(run)
+    budget = nfe - (1 if den else 0)
+    s = steps_for_nfe(name, opts, budget)
+    if s is None:
+        return None
+    model = problem.target.as_model(REF_SDE, "eps")
+    try:
+        sol = solvers.sample(model, run.x_start, name, s, t_start=ts, t_end=te, final_denoise=den,
+                             schedule=schedule, **opts)
+    except ValueError:          # a grid that cannot be built for this map
+        return None
+    e = rms(sol.x, ref)
+    return (e if math.isfinite(e) else float("inf")), sol.nfe
+
+
+# ------------------------------------------------------------------------ overhead
+class MLP(torch.nn.Module):
+    """The overhead benchmark's network (benchmarks/overhead.py), eps prediction."""
+
+    def __init__(self, d: int, width: int = 256):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.inp = torch.nn.Linear(d + 1, width)
+        self.body = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
+                                        torch.nn.Linear(width, width), torch.nn.SiLU())
+        self.out = torch.nn.Linear(width, d)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+    def forward(self, x, t):
+        return self.out(self.body(self.inp(torch.cat([x, t[:, None].to(x.dtype)], dim=1))))
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+OVERHEAD_CASES = (("MLP width 256, batch 256", 256, 256), ("MLP width 32, batch 16", 32, 16))
+
+
+def overhead(peers: list[Peer], d: int = 64, nfe: int = 20, repeats: int = 7) -> list[dict]:
+    """Overhead ratio = total sampling time / (NFE x time of one network call), float32, the
+    same network for everyone, medians of ``repeats``; two sizes: a realistic call (~1 ms) and
+    a cheap one, where the per-step cost of the sampler itself shows.  Ours: the whole
+    ``solvers.sample`` call; peers: ``set_timesteps`` (or the sigma grid) and the loop."""
+    from .metrics import steps_for_nfe
+
+    rows = []
+    for label, width, batch in OVERHEAD_CASES:
+        torch.manual_seed(0)
+        net = MLP(d, width).float()
+        x = torch.randn(batch, d)
+        tvec = torch.full((batch,), 0.5)
+
+        def one_call():
+            with torch.no_grad():
+                net(x, tvec)
+
+        t_call = _median_time(one_call, repeats * 4)
+        model = scoresde.ScoreModel(net, scoresde.VPSDE(), "eps")
+        x_T = torch.randn(batch, d)
+        for name, opts in [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"order": 3}), ("ddim", {}),
+                           ("euler", {}), ("heun", {}), ("dpm_solver_3", {})]:
+            s = steps_for_nfe(name, opts, nfe)
+            holder = {}
+
+            def go():
+                holder["sol"] = solvers.sample(model, x_T, name, s, **opts)
+
+            tot = _median_time(go, repeats)
+            n = holder["sol"].nfe
+            rows.append(dict(case=label, who="ours", method=ours_label(name, opts), nfe=n, total_ms=1e3 * tot,
+                             call_ms=1e3 * t_call, ratio=tot / (n * t_call)))
+        prob = Problem("overhead", "overhead", scoresde.Gaussian(torch.zeros(d), 1.0), True, batch, False)  # float32
+        netf = (lambda xx, tt, net=net: net(xx.float(), tt.float()))
+        for peer in peers:
+            n_steps = peer.n_for(nfe)
+            peer.runner(n_steps, prob, net=netf)
+            runs = [peer.runner(n_steps, prob, net=netf) for _ in range(repeats)]
+            tot = statistics.median(r.seconds for r in runs)
+            rows.append(dict(case=label, who=peer.family, method=peer.name, nfe=runs[0].nfe, total_ms=1e3 * tot,
+                             call_ms=1e3 * t_call, ratio=tot / (runs[0].nfe * t_call)))
+    return rows
+
+
+# --------------------------------------------------------------------------- drivers
+def check_order(peer: Peer, problem: Problem, refs: RefCache, tol: float, nfes=ORDER_NFE) -> dict:
+    """Error vs NFE of the adapter on the Gaussian against the exact map of each run, in the
+    peer's order-check configuration (diffusers: Karras sigmas, whose map does not move with
+    the step count; its default grids are uniform in the discrete timestep, whose last interval
+    keeps an O(1) log-SNR length and shows order ~1 for every method -- our own solvers on those
+    grids measure the same).  The fitted order must reach theory - ``tol`` (else the peer's rows
+    are dropped)."""
+    nfe, errs = [], []
+    for target in nfes:
+        n = peer.n_for(target)
+        run = peer.runner(n, problem, check=True)
+        nfe.append(run.nfe)
+        errs.append(rms(run.x, refs.get(problem, run)))
+    fitted = fit_order(nfe, errs, floor=1e-6)
+    ok = bool(math.isfinite(fitted) and fitted >= peer.order - tol)
+    return dict(peer=peer.name, family=peer.family, theory=peer.order, fitted=fitted, nfe=nfe, errors=errs,
+                ok=ok, note=peer.note)
+
+
+def compare(peer: Peer, problem: Problem, refs: RefCache, nfes=COMPARE_NFE) -> dict:
+    """Peer vs ours on the peer's own map at each NFE."""
+    rows = []
+    for target in nfes:
+        n = peer.n_for(target)
+        if n is None:
+            continue
+        run = peer.runner(n, problem)
+        ref = refs.get(problem, run)
+        e_peer = rms(run.x, ref)
+        ours = {}
+        for name, opts, sch in OURS:
+            r = ours_on_map(problem, run, name, opts, run.nfe, ref, sch)
+            if r is not None:
+                ours[ours_label(name, opts, sch)] = dict(error=r[0], nfe=r[1])
+        best = min(ours.items(), key=lambda kv: kv[1]["error"]) if ours else (None, dict(error=float("nan")))
+        ts, te, den = map_times(run)
+        rows.append(dict(target_nfe=target, nfe=run.nfe, peer_error=e_peer, ours=ours, best=best[0],
+                         best_error=best[1]["error"],
+                         map=dict(lam_start=run.lam_start, lam_last=run.lam_last, end=run.end,
+                                  lam_end=run.lam_end, t_start=ts, t_end=te, denoise=den)))
+    return dict(peer=peer.name, family=peer.family, problem=problem.name, rows=rows)

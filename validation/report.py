@@ -1,0 +1,799 @@
+"""The report: console summary, report.md and PNG plots (matplotlib, Agg backend, dpi 80)."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .problems import SDES, end_time
+
+SDE_ORDER = list(SDES)
+PROBLEM_LABEL = {
+    "gaussian": "Gaussian d=4 (exact flow)",
+    "mixture2d": "2-D mixture",
+    "mixture64": "d=64 diagonal mixture",
+    "mixture3072": "d=3072 diagonal mixture",
+}
+DPI = 80
+
+
+# --------------------------------------------------------------------------- tables
+def fmt(v, spec=".2f", none="-"):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return none
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _sdes(results, rows) -> list[str]:
+    present = {r["sde"] for r in rows}
+    return [s for s in SDE_ORDER if s in present]
+
+
+def order_table(results: dict, problem: str) -> str | None:
+    rows = [r for r in results["deterministic"] if r["problem"] == problem and "fitted" in r]
+    if not rows:
+        return None
+    sdes = _sdes(results, rows)
+    by = {(r["method"], r["sde"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out = []
+    for m in methods:
+        any_r = next(r for r in rows if r["method"] == m)
+        cells = []
+        for s in sdes:
+            r = by.get((m, s))
+            if r is None:
+                cells.append("")
+                continue
+            flag = "" if r.get("ok") in (True, None) else " **FAIL**"
+            cells.append(fmt(r["fitted"]) + flag)
+        theory = fmt(any_r["theory"], "g") + (f" (<= {any_r['max_order']:g})" if any_r.get("max_order") else "")
+        out.append([m, theory] + cells)
+    return md_table(["method", "theory"] + sdes, out)
+
+
+def nfe_table(results: dict, problem: str, level: str = "1e-03") -> str | None:
+    rows = [r for r in results["deterministic"] if r["problem"] == problem]
+    if not rows:
+        return None
+    sdes = _sdes(results, rows)
+    by = {(r["name"], r["sde"]): r for r in rows}
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    out = []
+    for m in names:
+        cells = []
+        for s in sdes:
+            r = by.get((m, s))
+            if r is None:
+                cells.append("")
+                continue
+            v = r["nfe_to"].get(level)
+            first = r["sweep_nfe"][0] if r["sweep_nfe"] else None
+            if v is None:
+                cells.append(f"> {r['sweep_nfe'][-1]}" if r["sweep_nfe"] else "-")
+            elif first is not None and v <= first and r["sweep_errors"][0] <= float(level):
+                cells.append(f"<= {first}")
+            else:
+                cells.append(f"{v:.0f}")
+        sched = by[(m, next(s for s in sdes if (m, s) in by))]["sweep_schedule"]
+        out.append([f"{m} ({sched})"] + cells)
+    return md_table(["method (grid)"] + sdes, out)
+
+
+def err_at_table(results: dict, problem: str, nfes=(10, 20)) -> str | None:
+    rows = [r for r in results["deterministic"] if r["problem"] == problem]
+    if not rows:
+        return None
+    sdes = _sdes(results, rows)
+    by = {(r["name"], r["sde"]): r for r in rows}
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    out = []
+    for m in names:
+        cells = []
+        for s in sdes:
+            r = by.get((m, s))
+            if r is None:
+                cells.append("")
+                continue
+            d = dict(zip(r["sweep_nfe"], r["sweep_errors"]))
+            vals = []
+            for n in nfes:   # the nearest NFE actually made at or below n (heun: odd NFE)
+                ks = [k for k in d if k <= n]
+                vals.append(fmt(d[max(ks)], ".1e") if ks else "-")
+            cells.append(" / ".join(vals))
+        out.append([m] + cells)
+    return md_table(["method"] + [f"{s} (NFE {'/'.join(map(str, nfes))})" for s in sdes], out)
+
+
+def grid_table(results: dict) -> str | None:
+    rows = results["grids"]
+    if not rows:
+        return None
+    sdes = _sdes(results, rows)
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["method"], r["sde"])][r["schedule"]] = r
+    out = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        for sch in dict.fromkeys(r["schedule"] for r in rows):
+            cells = []
+            for s in sdes:
+                r = by[(m, s)].get(sch)
+                if r is None:
+                    cells.append("-")
+                    continue
+                d = dict(zip(r["nfe"], r["errors"]))
+                ks = [k for k in d if k <= 20]
+                e20 = d[max(ks)] if ks else None
+                n3 = r["nfe_to"].get("1e-03")
+                best = _best_schedule(by[(m, s)]) == sch
+                cell = f"{fmt(e20, '.1e')} / {fmt(n3, '.0f', '>200')}"
+                cells.append(f"**{cell}**" if best else cell)
+            out.append([m, sch] + cells)
+    return md_table(["method", "grid"] + [f"{s}: err@20 / NFE→1e-3" for s in sdes], out)
+
+
+def _best_schedule(d: dict) -> str | None:
+    def key(item):
+        r = item[1]
+        n3 = r["nfe_to"].get("1e-03")
+        dd = dict(zip(r["nfe"], r["errors"]))
+        ks = [k for k in dd if k <= 20]
+        return (n3 if n3 is not None else 1e9, dd[max(ks)] if ks else 1e9)
+    return min(d.items(), key=key)[0] if d else None
+
+
+def weak_table(results: dict) -> str | None:
+    rows = results["weak"]
+    if not rows:
+        return None
+    out = []
+    for r in rows:
+        fitted = fmt(r["fitted"]) if r["affine"] else "MC"
+        floor = "" if r["affine"] else f"floor {r['floor_mean']:.1e} / {r['floor_cov']:.1e} (n={r['samples']})"
+        flag = "" if r.get("ok") in (True, None) else " **FAIL**"
+        pts = ", ".join(f"{n}: {a:.1e}/{b:.1e}" for n, a, b in zip(r["nfe"], r["mean_errors"], r["cov_errors"]))
+        out.append([r["sde"], r["method"], "exact" if r["affine"] else "Monte Carlo", fitted + flag, pts, floor])
+    return md_table(["sde", "method", "moments", "weak order", "NFE: mean err / rel. cov err", "noise floor"], out)
+
+
+def sw_table(results: dict) -> str | None:
+    rows = results["sliced_wasserstein"]
+    if not rows:
+        return None
+    out = []
+    for r in rows:
+        pts = ", ".join(f"{n}: {v:.3f}" for n, v in zip(r["nfe"], r["sw"]))
+        fl = f"{r['floor']:.3f}" + (f" [{r['floor_min']:.3f}, {r['floor_max']:.3f}]" if "floor_min" in r else "")
+        out.append([r["sde"], r["method"], pts, fl])
+    return md_table(["sde", "method", "NFE: sliced W2",
+                     f"floor: mean [range] of 2 exact sets of {rows[0]['samples']}"], out)
+
+
+def lik_table(results: dict) -> str | None:
+    rows = results["likelihood"]
+    if not rows:
+        return None
+    out = []
+    for r in rows:
+        who = r["trace"] + (f" ({r['probes']} probe{'s' if r['probes'] > 1 else ''})" if r["probes"] else "")
+        pts = ", ".join(f"{t:.0e}: {e:.1e} ({n})" for t, e, n in zip(r["tols"], r["mean_abs_error"], r["nfe"]))
+        bias = f"{r['bias'][-1]:+.2e} ± {r['std_err'][-1]:.1e}"
+        out.append([r["sde"], r["problem"], who, pts, bias, "ok" if r["ok"] else "**FAIL**"])
+    return md_table(["sde", "problem", "trace", "tol: mean abs error (NFE)", "bias ± s.e. (tightest)", "check"], out)
+
+
+def peer_order_table(results: dict) -> str | None:
+    rows = results["peers"]["orders"]
+    if not rows:
+        return None
+    out = [[r["peer"], fmt(r["theory"], "g"), fmt(r["fitted"]), "verified" if r["ok"] else "**dropped**",
+            r.get("note", "")] for r in rows]
+    return md_table(["peer", "expected order", "fitted (Gaussian)", "adapter", "note"], out)
+
+
+def peer_verified(results: dict) -> set[str]:
+    return {r["peer"] for r in results["peers"]["orders"] if r["ok"]}
+
+
+def peer_compare_table(results: dict, problem: str, nfes=(10, 20)) -> str | None:
+    comp = [c for c in results["peers"]["compare"] if c["problem"] == problem]
+    if not comp:
+        return None
+    ok = peer_verified(results)
+    out = []
+    for c in comp:
+        cells = []
+        for n in nfes:
+            row = next((r for r in c["rows"] if r["target_nfe"] == n), None)
+            if row is None:
+                cells += ["-", "-", "-"]
+                continue
+            ratio = row["peer_error"] / row["best_error"] if row["best_error"] else float("nan")
+            cells += [f"{row['peer_error']:.2e} ({row['nfe']})",
+                      f"{row['best_error']:.2e} {row['best']}", f"{ratio:.2f}"]
+        end = c["rows"][0]["map"]["end"] if c["rows"] else ""
+        out.append([c["peer"] + ("" if c["peer"] in ok else " (unverified)"), end] + cells)
+    hdr = ["peer", "end"]
+    for n in nfes:
+        hdr += [f"peer err @{n} (NFE)", f"ours best @{n}", "peer/ours"]
+    return md_table(hdr, out)
+
+
+def peer_targets(results: dict, target_nfes=(5, 6, 8, 10, 15, 20, 50)) -> dict:
+    """Per problem and NFE: the best verified peer (lowest error on its own map) and our best
+    on that same map; plus the worst ratio over all verified peers."""
+    ok = peer_verified(results)
+    out = {}
+    for c in results["peers"]["compare"]:
+        if c["peer"] not in ok:
+            continue
+        for r in c["rows"]:
+            key = (c["problem"], r["target_nfe"])
+            d = out.setdefault(key, dict(best_peer=None, best_peer_error=math.inf, ours_on_it=None,
+                                         worst_ratio=math.inf, worst_peer=None))
+            if r["peer_error"] < d["best_peer_error"]:
+                d.update(best_peer=c["peer"], best_peer_error=r["peer_error"], ours_on_it=r["best_error"],
+                         ours_method=r["best"])
+            ratio = r["peer_error"] / r["best_error"] if r["best_error"] > 0 else math.inf
+            if ratio < d["worst_ratio"]:
+                d.update(worst_ratio=ratio, worst_peer=c["peer"])
+    return out
+
+
+def best_fixed_config(results: dict) -> tuple[str | None, dict]:
+    """The one configuration of ours (method + grid) with the best worst-case ratio (peer error /
+    our error) over every verified peer, problem and NFE; and its ratios per (problem, NFE)."""
+    ok = peer_verified(results)
+    rows = [(c["problem"], c["peer"], r) for c in results["peers"]["compare"] if c["peer"] in ok for r in c["rows"]]
+    if not rows:
+        return None, {}
+    labels = set.intersection(*[set(r["ours"]) for _, _, r in rows])
+    def worst(lab):
+        return min(r["peer_error"] / max(r["ours"][lab]["error"], 1e-300) for _, _, r in rows)
+    best = max(sorted(labels), key=worst)
+    per = {}
+    for p, peer, r in rows:
+        ratio = r["peer_error"] / max(r["ours"][best]["error"], 1e-300)
+        key = (p, r["target_nfe"])
+        if key not in per or ratio < per[key][0]:
+            per[key] = (ratio, peer)
+    return best, per
+
+
+def default_config_table(results: dict) -> str | None:
+    """Each of our methods on its default (log-SNR) grid, fixed over every point: its worst
+    ratio (peer / ours) and on how many (peer, problem, NFE) points it is at least as good."""
+    ok = peer_verified(results)
+    rows = [(c["problem"], c["peer"], r) for c in results["peers"]["compare"] if c["peer"] in ok for r in c["rows"]]
+    if not rows:
+        return None
+    labels = [lab for lab in dict.fromkeys(k for _, _, r in rows for k in r["ours"]) if lab.endswith("[log_snr]")]
+    out = []
+    for lab in labels:
+        ratios = [(r["peer_error"] / max(r["ours"][lab]["error"], 1e-300), p, peer, r["target_nfe"])
+                  for p, peer, r in rows if lab in r["ours"]]
+        worst = min(ratios)
+        ahead = sum(1 for v in ratios if v[0] >= 1.0)
+        at10 = [v for v in ratios if v[3] == 10]
+        out.append([lab, f"{ahead}/{len(ratios)}", f"{worst[0]:.2f} ({worst[1]} @{worst[3]}, {worst[2]})",
+                    f"{min(at10)[0]:.2f}" if at10 else "-"])
+    return md_table(["ours (fixed, default grid)", "points with ratio >= 1", "worst ratio (where)",
+                     "worst ratio at NFE 10"], out)
+
+
+def overhead_table(results: dict) -> str | None:
+    rows = results["peers"].get("overhead") or []
+    if not rows:
+        return None
+    cases = list(dict.fromkeys(r.get("case", "") for r in rows))
+    by = {(r.get("case", ""), r["method"]): r for r in rows}
+    methods = list(dict.fromkeys((r["who"], r["method"]) for r in rows))
+    out = []
+    for who, m in methods:
+        cells = []
+        for c in cases:
+            r = by.get((c, m))
+            cells += [f"{r['total_ms']:.2f} ({r['nfe']})", f"{r['ratio']:.3f}"] if r else ["-", "-"]
+        out.append([who, m] + cells)
+    hdr = ["library", "method"]
+    for c in cases:
+        call = next(r["call_ms"] for r in rows if r.get("case", "") == c)
+        hdr += [f"{c} ({call:.3f} ms/call): total ms (NFE)", "ratio"]
+    worst = {}
+    for c in cases:
+        ours = [r["ratio"] for r in rows if r.get("case", "") == c and r["who"] == "ours"]
+        peers = [r["ratio"] for r in rows if r.get("case", "") == c and r["who"] != "ours"]
+        if ours and peers:
+            worst[c] = (max(ours), min(peers))
+    note = "; ".join(f"{c}: our worst {a:.3f} vs the best peer {b:.3f}" for c, (a, b) in worst.items())
+    return md_table(hdr, out) + f"\n\nd = 64, float32, 1 thread, NFE 20, medians. {note}."
+
+
+# -------------------------------------------------------------------------- console
+def console(results: dict, stream) -> None:
+    w = lambda s="": print(s, file=stream)  # noqa: E731
+    w(f"\nvalidation ({results['tier']} tier), float64, t_end where sigma/alpha = 0.01")
+    if results["analytic"]:
+        w("\nAnalytic layer:")
+        for r in results["analytic"]:
+            w(f"  {r['sde']:7s} t_end {r['t_end']:.3g}  t_of_log_snr {r['t_of_log_snr_rel_err']:.1e}  "
+              f"score vs autograd {r['score_vs_autograd']:.1e}  flow round trip {r['flow_roundtrip_rel']:.1e}")
+    for p in ("gaussian", "mixture2d", "mixture64"):
+        t = order_table(results, p)
+        if t:
+            w(f"\nFitted order, {PROBLEM_LABEL[p]}:\n{t}")
+    for p in ("mixture2d", "mixture64", "mixture3072"):
+        t = nfe_table(results, p)
+        if t:
+            w(f"\nNFE to reach RMS error 1e-3, {PROBLEM_LABEL[p]}:\n{t}")
+    if results["grids"]:
+        w(f"\nTime grids (2-D mixture), error at 20 NFE / NFE to 1e-3 (best in bold):\n{grid_table(results)}")
+    if results["weak"]:
+        w("\nStochastic samplers, weak errors on the Gaussian:")
+        for r in results["weak"]:
+            extra = f"weak order {r['fitted']:.2f}" if r["affine"] else \
+                f"MC floor {r['floor_mean']:.1e}/{r['floor_cov']:.1e}"
+            w(f"  {r['sde']:6s} {r['method']:38s} NFE {r['nfe'][-1]:4d}: mean {r['mean_errors'][-1]:.1e} "
+              f"cov {r['cov_errors'][-1]:.1e}  {extra}")
+    if results["sliced_wasserstein"]:
+        w("\nSliced W2 on the 2-D mixture (largest NFE vs floor):")
+        for r in results["sliced_wasserstein"]:
+            w(f"  {r['sde']:6s} {r['method']:38s} NFE {r['nfe'][-1]:4d}: {r['sw'][-1]:.3f} (floor {r['floor']:.3f})")
+    if results["likelihood"]:
+        w(f"\nLikelihood:\n{lik_table(results)}")
+    if results["peers"]["orders"]:
+        w(f"\nPeer adapters:\n{peer_order_table(results)}")
+        for p in ("mixture2d", "mixture64"):
+            t = peer_compare_table(results, p)
+            if t:
+                w(f"\nPeers vs ours on each peer's own map, {PROBLEM_LABEL[p]}:\n{t}")
+    for m in results["peers"].get("missing", []):
+        w(f"peers not run: {m}")
+    for n in results["notes"]:
+        w(f"note: {n}")
+
+
+# ---------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """PNG at dpi 80, quantised to a 256-colour palette (a third of the size) when Pillow is there."""
+    import io
+
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png")
+    plt.close(fig)
+    try:
+        from PIL import Image
+
+        buf.seek(0)
+        Image.open(buf).convert("RGB").quantize(colors=256).save(path, optimize=True)
+    except ImportError:
+        path.write_bytes(buf.getvalue())
+
+
+def _slopes(ax, xs, ys, orders=(1, 2, 3, 4)):
+    """Reference slopes NFE^-p through the top-left of the data."""
+    import numpy as np
+    if not xs:
+        return
+    x0, x1 = min(xs), max(xs)
+    y0 = max(ys)
+    xx = np.array([x0, x1])
+    for p in orders:
+        ax.plot(xx, y0 * (xx / x0) ** (-p), color="0.6", lw=0.7, ls=":")
+        ax.text(x1, y0 * (x1 / x0) ** (-p), f" {p}", color="0.5", fontsize=6, va="center")
+
+
+def plot_det(results: dict, problem: str, path: Path) -> bool:
+    plt = _plt()
+    rows = [r for r in results["deterministic"] if r["problem"] == problem]
+    if not rows:
+        return False
+    sdes = _sdes(results, rows)
+    n = len(sdes)
+    cols = min(3, n)
+    nr = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nr, cols, figsize=(4.2 * cols, 3.3 * nr), squeeze=False)
+    for ax, s in zip(axes.flat, sdes):
+        xs, ys = [], []
+        for r in [r for r in rows if r["sde"] == s]:
+            if not r["sweep_nfe"]:
+                continue
+            lab = r["name"] + (f" ({r['fitted']:.2f})" if r.get("fitted") is not None and
+                               math.isfinite(r.get("fitted", float('nan'))) else "")
+            e = [max(v, 1e-16) for v in r["sweep_errors"]]
+            ax.loglog(r["sweep_nfe"], e, marker=".", ms=3, lw=1, label=lab)
+            xs += r["sweep_nfe"]
+            ys += [v for v in e if math.isfinite(v)]
+        _slopes(ax, xs, ys)
+        for lv in (1e-2, 1e-3, 1e-4):
+            ax.axhline(lv, color="0.85", lw=0.6)
+        ax.set_title(f"{s} (t_end {end_time(SDES[s]()):.3g})", fontsize=9)
+        ax.set_xlabel("NFE", fontsize=8)
+        ax.set_ylabel("RMS error", fontsize=8)
+        ax.set_ylim(max(min(ys, default=1e-12) / 3, 1e-13), max(ys, default=1) * 3)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=5.5, ncol=2, loc="lower left")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{PROBLEM_LABEL[problem]}: error vs NFE (legend: fitted order on the ladder; dotted: slopes 1-4)",
+                 fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_grids(results: dict, method: str, path: Path) -> bool:
+    plt = _plt()
+    rows = [r for r in results["grids"] if r["method"] == method]
+    if not rows:
+        return False
+    sdes = _sdes(results, rows)
+    cols = min(3, len(sdes))
+    nr = (len(sdes) + cols - 1) // cols
+    fig, axes = plt.subplots(nr, cols, figsize=(3.8 * cols, 3.0 * nr), squeeze=False)
+    for ax, s in zip(axes.flat, sdes):
+        for r in [r for r in rows if r["sde"] == s]:
+            if r["nfe"]:
+                ax.loglog(r["nfe"], [max(v, 1e-16) for v in r["errors"]], marker=".", ms=3, lw=1, label=r["schedule"])
+        ax.set_title(s, fontsize=9)
+        ax.set_xlabel("NFE", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(sdes):]:
+        ax.axis("off")
+    fig.suptitle(f"{method} on the 2-D mixture under each time grid", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_stoch(results: dict, path: Path) -> bool:
+    plt = _plt()
+    weak, sw = results["weak"], results["sliced_wasserstein"]
+    if not weak:
+        return False
+    sdes = _sdes(results, weak)
+    fig, axes = plt.subplots(2, len(sdes), figsize=(4.0 * len(sdes), 6.0), squeeze=False)
+    for j, s in enumerate(sdes):
+        ax = axes[0, j]
+        xs, ys = [], []
+        for r in [r for r in weak if r["sde"] == s]:
+            tot = [a + b for a, b in zip(r["mean_errors"], r["cov_errors"])]
+            ax.loglog(r["nfe"], tot, marker=".", ms=3, lw=1, ls="-" if r["affine"] else "--",
+                      label=r["method"] + (f" ({r['fitted']:.2f})" if r["affine"] else " (MC)"))
+            xs += r["nfe"]
+            ys += tot
+        _slopes(ax, xs, ys, (1, 2))
+        ax.set_title(f"{s}: weak error (mean + rel. cov), Gaussian", fontsize=8)
+        ax.set_xlabel("NFE", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=5, loc="lower left")
+        ax = axes[1, j]
+        floor = None
+        for r in [r for r in sw if r["sde"] == s]:
+            ax.loglog(r["nfe"], r["sw"], marker=".", ms=3, lw=1, label=r["method"])
+            floor = r["floor"]
+        if floor is not None:
+            ax.axhline(floor, color="k", lw=0.8, ls="--", label="noise floor (mean, range)")
+            rr = [r for r in sw if r["sde"] == s and "floor_min" in r]
+            if rr:
+                ax.axhspan(rr[0]["floor_min"], rr[0]["floor_max"], color="0.85", alpha=0.6)
+        ax.set_title(f"{s}: sliced W2, 2-D mixture", fontsize=8)
+        ax.set_xlabel("NFE", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=5, loc="lower left")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_scatter(store: dict, problems, path: Path) -> bool:
+    plt = _plt()
+    sc = store.get("scatter") or {}
+    if not sc:
+        return False
+    sde = SDES["vp"]()
+    t_end = end_time(sde)
+    marg = problems["mixture2d"].target.marginal(sde, t_end)
+    g = torch.linspace(-3.0, 4.5, 160, dtype=torch.float64)
+    gx, gy = torch.meshgrid(g, g, indexing="xy")
+    lp = marg.log_prob(torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)).reshape(gx.shape)
+    panels = [("exact samples", marg.sample(1000, torch.Generator().manual_seed(9)))] + list(sc.items())
+    cols = 4
+    nr = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nr, cols, figsize=(3.0 * cols, 3.0 * nr), squeeze=False)
+    for ax, (lab, x) in zip(axes.flat, panels):
+        ax.contour(gx.numpy(), gy.numpy(), lp.exp().numpy(), levels=8, linewidths=0.6, cmap="Greys")
+        x = x[:1000].double().numpy()
+        ax.scatter(x[:, 0], x[:, 1], s=1.5, alpha=0.5, color="C3")
+        ax.set_title(lab, fontsize=7)
+        ax.set_xlim(-3, 4.5)
+        ax.set_ylim(-3, 4.5)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("2-D mixture under VP at t_end: samples over the exact density", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_lik(results: dict, path: Path) -> bool:
+    plt = _plt()
+    rows = results["likelihood"]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r in rows:
+        lab = f"{r['sde']} {r['problem']} {r['trace']}" + (f"x{r['probes']}" if r["probes"] else "")
+        ls = "-" if r["trace"] == "exact" else "--"
+        axes[0].loglog(r["tols"], r["mean_abs_error"], marker=".", ls=ls, lw=1, label=lab)
+        axes[1].loglog(r["nfe"], r["mean_abs_error"], marker=".", ls=ls, lw=1, label=lab)
+    tl = sorted({t for r in rows for t in r["tols"]})
+    axes[0].loglog(tl, tl, color="0.6", lw=0.7, ls=":", label="error = tol")
+    axes[0].set_xlabel("rtol = atol", fontsize=8)
+    axes[1].set_xlabel("NFE", fontsize=8)
+    for ax in axes:
+        ax.set_ylabel("mean |log p error| (nats)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=5.5)
+    fig.suptitle("log_likelihood vs exact (Hutchinson: its Monte-Carlo noise)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def plot_peers(results: dict, problem: str, path: Path) -> bool:
+    plt = _plt()
+    comp = [c for c in results["peers"]["compare"] if c["problem"] == problem]
+    if not comp or not any(len(c["rows"]) > 1 for c in comp):
+        return False
+    ok = peer_verified(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for k, c in enumerate(comp):
+        if not c["rows"]:
+            continue
+        col = f"C{k % 10}"
+        n = [r["nfe"] for r in c["rows"]]
+        lab = c["peer"] + ("" if c["peer"] in ok else " (unverified)")
+        axes[0].loglog(n, [r["peer_error"] for r in c["rows"]], ls="--", marker="x", ms=3, lw=0.8, color=col,
+                       label=lab)
+        axes[0].loglog(n, [r["best_error"] for r in c["rows"]], ls="-", marker=".", ms=3, lw=0.8, color=col)
+        axes[1].semilogx(n, [r["peer_error"] / r["best_error"] for r in c["rows"]], marker=".", lw=0.8, color=col,
+                         label=lab)
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].axhline(1.5, color="k", lw=0.6, ls=":")
+    axes[1].set_yscale("log")
+    axes[0].set_title("dashed: peer; solid: our best on the same map", fontsize=8)
+    axes[1].set_title("peer error / our best error (> 1: we are ahead)", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("NFE", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=5, ncol=2)
+    fig.suptitle(f"Peers on the {PROBLEM_LABEL[problem]}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+# ---------------------------------------------------------------------------- write
+def write(results: dict, store: dict, problems, out: Path) -> None:
+    plots = {}
+    for p in ("gaussian", "mixture2d", "mixture64", "mixture3072"):
+        if plot_det(results, p, out / f"det_{p}.png"):
+            plots[f"det_{p}"] = f"det_{p}.png"
+    for m in ("euler", "heun", "dpmpp_2m"):
+        if plot_grids(results, m, out / f"grids_{m}.png"):
+            plots[f"grids_{m}"] = f"grids_{m}.png"
+    if plot_stoch(results, out / "stochastic.png"):
+        plots["stochastic"] = "stochastic.png"
+    if plot_scatter(store, problems, out / "samples_2d.png"):
+        plots["samples_2d"] = "samples_2d.png"
+    if plot_lik(results, out / "likelihood.png"):
+        plots["likelihood"] = "likelihood.png"
+    for p in ("mixture2d", "mixture64"):
+        if plot_peers(results, p, out / f"peers_{p}.png"):
+            plots[f"peers_{p}"] = f"peers_{p}.png"
+    write_markdown(results, out, plots=plots)
+
+
+def write_markdown(results: dict, out: Path, plots: dict | bool = False) -> None:
+    from .deterministic import METHODS  # noqa: F401
+
+    plots = plots or {}
+    L = []
+    a = L.append
+    fails = results["failures"]
+    a("# scoresde validation report\n")
+    a(f"Tier: **{results['tier']}** ({results['seconds']:.0f} s, torch {results['torch']}); "
+      f"regenerate with `python -m validation {'--full ' if results['tier'] == 'full' else ''}--out <folder>`.\n")
+    a(f"**Verdict: {'FAIL' if fails else 'PASS'}**" + (f" ({len(fails)} failures)" if fails else "") + "\n")
+    for f in fails:
+        a(f"- {f}")
+    if fails:
+        a("")
+    for n in results["notes"]:
+        a(f"> Note: {n}\n")
+    a("## Setup\n")
+    a("Every solver starts from exact samples of the marginal at T and stops at `t_end`, where "
+      "sigma/alpha = 0.01 (VE: its default 1e-5, sigma_min = 0.01), in float64. Error = RMS per "
+      "coordinate against the exact probability-flow map (Gaussian: closed form) or a tight "
+      "pf_ode reference (mixtures: dopri8, rtol = atol = 1e-11; its own accuracy, against a 10x "
+      "looser solve, is listed below). Orders are fitted on a doubling ladder of steps (last three "
+      "points above 1e-10); NFE-to-reach values interpolate the error-vs-NFE sweep on the log-log "
+      "curve (NFE 5 to 200, each method with its default grid and options).\n")
+    a(md_table(["sde", "T", "t_end"], [[k, fmt(SDES[k]().T, ".4g"), fmt(v, ".4g")]
+                                       for k, v in results["t_end"].items()]) + "\n")
+    if results.get("reference_checks"):
+        worst = max(r["rms_vs_10x_looser"] for r in results["reference_checks"])
+        a(f"Reference accuracy: the tight pf_ode references differ from 10x looser solves by at most "
+          f"{worst:.1e} (RMS), far below the errors fitted.\n")
+    if results["analytic"]:
+        a("Analytic layer: " + "; ".join(
+            f"{r['sde']}: t_of_log_snr {r['t_of_log_snr_rel_err']:.0e}, score vs autograd "
+            f"{r['score_vs_autograd']:.0e}, flow round trip {r['flow_roundtrip_rel']:.0e}"
+            for r in results["analytic"]) + ".\n")
+    if results["deterministic"]:
+        a("## Deterministic methods\n")
+        a("### Fitted order vs theory\n")
+        a("Gate: Gaussian, fitted >= theory - 0.3 (superconvergence is allowed: the Gaussian's "
+          "x0-prediction is smooth in log-SNR, and dpmpp_3m with log-SNR grids measures ~4); 2-D "
+          "mixture, |fitted - theory| <= 0.3 (UniPC-3 up to 4: its corrector lifts the corrected "
+          "steps to order 4 and the first-order warm-up cap lies below the float64 floor). The d=64 "
+          "mixture is reported, not gated.\n")
+        for p in ("gaussian", "mixture2d", "mixture64"):
+            t = order_table(results, p)
+            if t:
+                a(f"**{PROBLEM_LABEL[p]}**\n\n{t}\n")
+        a("### NFE to reach an RMS error of 1e-3\n")
+        for p in ("gaussian", "mixture2d", "mixture64", "mixture3072"):
+            t = nfe_table(results, p)
+            if t:
+                a(f"**{PROBLEM_LABEL[p]}**\n\n{t}\n")
+        a("1e-2 and 1e-4: `nfe_to` in results.json.\n")
+        a("### Error at NFE 10 / 20\n")
+        for p in ("mixture2d", "mixture64"):
+            t = err_at_table(results, p)
+            if t:
+                a(f"**{PROBLEM_LABEL[p]}**\n\n{t}\n")
+        for p in ("gaussian", "mixture2d", "mixture64", "mixture3072"):
+            if f"det_{p}" in plots:
+                a(f"![{p}]({plots[f'det_{p}']})\n")
+    if results["grids"]:
+        a("## Time grids\n")
+        a("The same method under each schedule on the 2-D mixture; cell: error at 20 NFE / NFE to "
+          "reach 1e-3 (bold: the best grid for that SDE).\n")
+        a(grid_table(results) + "\n")
+        for m in ("euler", "heun", "dpmpp_2m"):
+            if f"grids_{m}" in plots:
+                a(f"![grids {m}]({plots[f'grids_{m}']})\n")
+    if results["weak"]:
+        a("## Stochastic methods\n")
+        a("Weak errors on the Gaussian: |mean - exact mean| and |cov - exact cov|_F / |exact cov|_F at "
+          "t_end. Affine samplers: exact output moments by linearity (one impulse run), no Monte-Carlo "
+          "noise, so the weak order is fitted (gate: >= 1 - 0.3). pc with the per-sample Langevin "
+          "corrector and adaptive_sde (bridge variant; points = tolerances 0.2..0.01) use Monte Carlo; "
+          "their noise floor is the same error for exact samples of the same size.\n")
+        a(weak_table(results) + "\n")
+    if results["sliced_wasserstein"]:
+        a("Sliced 2-Wasserstein (128 fixed directions) between sampler outputs and exact samples of the "
+          "2-D mixture at t_end; the floor is the distance between two independent exact sets of the "
+          "same size, itself random (how many samples fall in each component): its mean and range over "
+          "5 pairs are given, and a distance inside the range is indistinguishable from exact sampling. "
+          "pc with the per-sample Langevin corrector diverges here: its step size (snr |z| / |score|)^2 "
+          "blows up for samples near a mode, where the score is small (a low-dimension effect documented "
+          "in solvers/correctors.py).\n")
+        a(sw_table(results) + "\n")
+    if "stochastic" in plots:
+        a(f"![stochastic]({plots['stochastic']})\n")
+    if "samples_2d" in plots:
+        a(f"![samples]({plots['samples_2d']})\n")
+    if results["likelihood"]:
+        a("## Likelihood\n")
+        a("`solvers.log_likelihood` (dopri5, rtol = atol = tol) against the exact value of what it "
+          "computes (log prior of the flowed point plus the integrated divergence; closed form for the "
+          "Gaussian, exact densities and a 1e-10 solve for the mixture). Exact trace: gate mean |error| "
+          "<= 50 x tol. Hutchinson (Rademacher probes): unbiased, its error is the estimator's noise; "
+          "gate |mean error| <= 4 standard errors.\n")
+        a(lik_table(results) + "\n")
+        if "likelihood" in plots:
+            a(f"![likelihood]({plots['likelihood']})\n")
+    pe = results["peers"]
+    if pe["orders"] or pe.get("missing"):
+        a("## Peers\n")
+        for m in pe.get("missing", []):
+            a(f"- not run: {m}")
+        if pe["orders"]:
+            a("Each peer runs on the same exact problem with its conventions converted exactly (see "
+              "`validation/peers.py`); the map it computes (its start noise level, and its end: "
+              "`denoise` = a final jump to sigma = 0 returning x0-hat at its last noise level, `flow0` "
+              "= a higher-order step to sigma = 0, `sigma` = it stops at a noise level) is read from "
+              "its own arrays, and the reference is the exact map for that run. Our methods run on "
+              "the same map, from the same samples, at the same NFE (a `denoise` map costs us one NFE "
+              "for final_denoise); \"ours best\" is the best of "
+              "dpmpp_2m, dpmpp_3m, unipc (order 2, 3) and dpm_solver_3, each under the log-SNR, Karras, "
+              "quadratic and uniform grids, at that point (every candidate's error is in results.json); "
+              "the best *single* configuration over all points is reported as well.\n")
+            a("**Adapter check** (Gaussian, NFE 10..160; diffusers in its Karras-sigma configuration, "
+              "whose map does not move with the step count):\n")
+            a(peer_order_table(results) + "\n")
+            for p in ("mixture2d", "mixture64"):
+                t = peer_compare_table(results, p)
+                if t:
+                    a(f"**Peers vs ours, {PROBLEM_LABEL[p]}** (defaults of each peer; rows of dropped "
+                      f"adapters are marked unverified and left out of the targets)\n\n{t}\n")
+                if f"peers_{p}" in plots:
+                    a(f"![peers {p}]({plots[f'peers_{p}']})\n")
+            tg = peer_targets(results)
+            if tg:
+                rows = []
+                for (p, n), d in sorted(tg.items()):
+                    rows.append([p, n, f"{d['best_peer']}: {d['best_peer_error']:.2e}",
+                                 f"{d['ours_on_it']:.2e} ({d['ours_method']})",
+                                 f"{d['best_peer_error'] / d['ours_on_it']:.2f}",
+                                 f"{d['worst_ratio']:.2f} ({d['worst_peer']})"])
+                a("**Targets** (issue 5: our best <= the best peer at every NFE in {5, 6, 8, 10, 15, 20, 50}, "
+                  "and 1.5x smaller at NFE 10). Ratio = peer error / our best error on the peer's own map; "
+                  "< 1 means we are behind.\n")
+                a(md_table(["problem", "NFE", "best verified peer", "ours on its map", "ratio",
+                            "worst ratio over all peers"], rows) + "\n")
+                behind = [(p, n, d) for (p, n), d in sorted(tg.items()) if d["worst_ratio"] < 1.0]
+                if behind:
+                    a("**Where we are behind:** " + "; ".join(
+                        f"{p} NFE {n}: {d['worst_peer']} (ratio {d['worst_ratio']:.2f})" for p, n, d in behind) + ".\n")
+                t = default_config_table(results)
+                if t:
+                    a("**Out of the box:** each of our methods with its default options and log-SNR grid, "
+                      "the same configuration at every point (no per-point choice):\n")
+                    a(t + "\n")
+                fixed, per = best_fixed_config(results)
+                if fixed:
+                    a(f"The single configuration with the best worst-case ratio is `{fixed}` (worst "
+                      f"{min(v[0] for v in per.values()):.2f}). Maps that end with a higher-order step to "
+                      "sigma = 0 (`flow0`: k-diffusion lms) are hard for log-SNR exponential integrators: a "
+                      "final interval to sigma/alpha = 1e-7 is an extrapolation in log-SNR, where lms "
+                      "extrapolates in sigma.\n")
+                short = [(p, n, d) for (p, n), d in sorted(tg.items()) if n == 10 and d["worst_ratio"] < 1.5]
+                if short:
+                    a("**Short of 1.5x at NFE 10:** " + "; ".join(
+                        f"{p}: {d['worst_peer']} (ratio {d['worst_ratio']:.2f})" for p, n, d in short) + ".\n")
+            t = overhead_table(results)
+            if t:
+                a("**Per-step overhead** (ratio = total time / (NFE x one network call); 1.00 = no "
+                  "overhead):\n")
+                a(t + "\n")
+    a("## Notes\n")
+    a("- dpmpp_3m (singlestep warm-up) and UniPC-3 exceed order 3 on the Gaussian with log-SNR grids "
+      "(~4): the exact x0-prediction of a Gaussian is a smooth function of log-SNR whose derivatives "
+      "vanish at both ends, which removes the leading error term; on the mixtures they measure 3 "
+      "(UniPC up to 4, see above).")
+    a("- The d=64 mixture's ladders are not yet asymptotic for some methods: its local slopes rise "
+      "towards theory along the ladder (e.g. dpmpp_2m under VP 1.54, 1.70, 1.84; dpmpp_3m 2.47, 2.82, "
+      "2.95; `ladder_errors` in results.json). Posterior responsibilities switch sharply in 64 dimensions, "
+      "so the x0-prediction has large higher derivatives in log-SNR; it is reported, not gated.")
+    a("- Default grids matter: ddim and euler default to a uniform grid in t, which is poor for EDM and VE "
+      "(errors ~1 at 20 NFE); see the time-grid table for the grid that suits each SDE.")
+    a("- Euler is fitted on a uniform-t grid with 64..512 steps (its asymptotic range); DDIM and "
+      "DPM-Solver-1 are the same method (E13).")
+    a("- All numbers are in results.json (`deterministic[].sweep_*`, `ladder_*`, `nfe_to`, `grids`, "
+      "`weak`, `sliced_wasserstein`, `likelihood`, `peers`).")
+    (out / "report.md").write_text("\n".join(L) + "\n")
