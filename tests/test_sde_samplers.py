@@ -84,43 +84,12 @@ def counted(target, sde):
 
 
 # ------------------------------------------------------------ exact moments by linearity
-class _CountNoise:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, i, t0, t1, like):
-        self.calls += 1
-        return torch.zeros_like(like)
-
-
-class _ImpulseNoise:
-    """Rows < offset: zero noise.  Row offset + m*d + j: e_j at the m-th call, zero otherwise."""
-
-    def __init__(self, d: int, offset: int):
-        self.d, self.offset, self.calls = d, offset, 0
-
-    def __call__(self, i, t0, t1, like):
-        z = torch.zeros_like(like)
-        r0 = self.offset + self.calls * self.d
-        self.calls += 1
-        if r0 + self.d <= like.shape[0]:
-            z[r0:r0 + self.d] = torch.eye(self.d, dtype=like.dtype)
-        return z
-
-
 def exact_moments(model, method, steps, mean_T, cov_T, **kw):
-    """Exact mean and covariance of an affine sampler's output for x_T ~ N(mean_T, cov_T)."""
-    d = mean_T.numel()
-    probe = _CountNoise()
-    solvers.sample(model, mean_T[None], method, steps, generator=probe, **kw)
-    M = probe.calls
-    x = mean_T.repeat(1 + d + M * d, 1)
-    x[1:1 + d] += torch.eye(d, dtype=F64)
-    out = solvers.sample(model, x, method, steps, generator=_ImpulseNoise(d, 1 + d), **kw).x
-    mean = out[0]
-    A = (out[1:1 + d] - mean).T                  # d x d: the linear map of x_T
-    Bn = out[1 + d:] - mean                      # (M d) x d: rows = responses to unit noise
-    return mean, A @ cov_T @ A.T + Bn.T @ Bn
+    """Exact mean and covariance of an affine sampler's output for x_T ~ N(mean_T, cov_T)
+    (one run on impulse inputs; the helper is shared with the validation suite)."""
+    from validation.metrics import exact_moments as _exact_moments
+
+    return _exact_moments(model, method, steps, mean_T, cov_T, **kw)[:2]
 
 
 def weak_error(mean, cov, exact) -> tuple[float, float]:
