@@ -69,6 +69,17 @@ def check_finite_tensor(x: Tensor, name: str = "x") -> Tensor:
     return x
 
 
+def check_batch_tensor(x: Any, name: str = "x") -> Tensor:
+    """A floating tensor with a batch dimension, a dtype its device supports, and finite values:
+    the common check on a solver's or likelihood's input state."""
+    check_floating(x, name)
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have a batch dimension (shape [B, ...]), got a 0-d tensor")
+    if x.dtype == torch.float64 and x.device.type == "mps":
+        raise ValueError(f"{name} is float64 on mps, which does not support float64; use float32")
+    return check_finite_tensor(x, name)
+
+
 def check_int(value: Any, name: str, minimum: int | None = None) -> int:
     """TypeError unless ``value`` is an int (bool rejected); ValueError below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

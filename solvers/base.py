@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from scoresde._checks import append_dims, check_finite_tensor, check_float, check_floating, check_int
+from scoresde._checks import append_dims, check_batch_tensor, check_float, check_int
 from scoresde.model import Denoised, ScoreModel
 from scoresde.sde import SDE, LinearSDE
 
@@ -214,16 +214,6 @@ def _check_model(model: Any) -> ScoreModel:
     return model
 
 
-def _check_x(x_T: Any) -> Tensor:
-    check_floating(x_T, "x_T")
-    if x_T.ndim < 1:
-        raise ValueError("x_T must have a batch dimension (shape [B, ...]), got a 0-d tensor")
-    if x_T.dtype == torch.float64 and x_T.device.type == "mps":
-        raise ValueError("x_T is float64 on mps, which does not support float64; use float32")
-    check_finite_tensor(x_T, "x_T")
-    return x_T
-
-
 def _check_net_device(model: ScoreModel, x: Tensor) -> None:
     net = model.net
     if isinstance(net, torch.nn.Module):
@@ -317,7 +307,7 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
     """
     solver = _registry.get(method, **method_options)
     model = _check_model(model)
-    x_T = _check_x(x_T)
+    x_T = check_batch_tensor(x_T, "x_T")
     if nonfinite not in ("raise", "return"):
         raise ValueError(f"nonfinite must be 'raise' or 'return', got {nonfinite!r}")
     sde = model.sde

@@ -103,7 +103,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from scoresde._checks import check_finite_tensor, check_float, check_floating, check_int
+from scoresde._checks import check_batch_tensor, check_finite_tensor, check_float, check_floating, check_int
 from scoresde.model import ScoreModel
 from scoresde.sde import SDE
 
@@ -172,12 +172,7 @@ def _check_x(x: Any) -> Tensor:
             f"x is {x.dtype}: log_likelihood needs float32 or float64 (the log-density integral and the "
             "divergence lose too many digits in half precision); pass x.float()"
         )
-    if x.ndim < 1:
-        raise ValueError("x must have a batch dimension (shape [B, ...]), got a 0-d tensor")
-    if x.dtype == torch.float64 and x.device.type == "mps":
-        raise ValueError("x is float64 on mps, which does not support float64; use float32")
-    check_finite_tensor(x, "x")
-    return x
+    return check_batch_tensor(x, "x")
 
 
 def _check_t_end(t_end: Any, sde: SDE) -> float:
