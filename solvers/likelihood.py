@@ -103,7 +103,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from scoresde._checks import check_batch_tensor, check_finite_tensor, check_float, check_floating, check_int
+from scoresde._checks import check_batch_tensor, check_float, check_floating, check_int
 from scoresde.model import ScoreModel
 from scoresde.sde import SDE
 
