@@ -15,6 +15,7 @@ from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from . import unipc  # noqa: F401
 from .unipc import UniPC
 from .likelihood import LikelihoodResult, bits_per_dim, encode, log_likelihood
+from .calibrate import CalibratedGrid, calibrate_timesteps
 
 __all__ = [
     "sample", "available_methods", "get", "register", "Solution", "Solver", "SolverError",
@@ -23,4 +24,5 @@ __all__ = [
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "AdaptiveSDE",
     "LangevinCorrector", "AnnealedLangevin", "PredictorCorrector",
     "log_likelihood", "bits_per_dim", "encode", "LikelihoodResult",
+    "calibrate_timesteps", "CalibratedGrid",
 ]

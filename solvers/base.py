@@ -111,7 +111,7 @@ class CheckedModel:
         if self.check_finite:  # on the raw network output: one reduction pass on the CPU
             raw = d.raw
             if raw.device.type == "cpu":
-                if raw.numel() and not bool(torch.isfinite(raw.sum())):
+                if raw.numel() and not math.isfinite(raw.sum().item()):
                     bad = ~torch.isfinite(raw)
                     if bool(bad.any()):  # (a finite sum overflow is not an error)
                         self._raise(bad, t64)

@@ -62,17 +62,17 @@ class _DPMSolverEps(ExponentialSinglestep):
         st = tab.stages[i]
         c = st["c"]
         eps_s = model.evaluate(x, tab.t64[i]).eps
+        # fused: each line is one scaled copy plus in-place accumulations, the differences
+        # eps_j - eps_s folded into the coefficients (float64 scalars from prepare)
         if k == 1:
-            return c[0] * x - c[1] * eps_s
+            return torch.add(x * c[0], eps_s, alpha=-c[1])
         if k == 2:
-            u = c[2] * x - c[3] * eps_s
-            eps_1 = model.evaluate(u, st["t64"][0]).eps
-            return c[0] * x - c[1] * eps_s - c[4] * (eps_1 - eps_s)
-        u1 = c[2] * x - c[3] * eps_s
-        d1_1 = model.evaluate(u1, st["t64"][0]).eps - eps_s
-        u2 = c[4] * x - c[5] * eps_s - c[6] * d1_1
-        d1_2 = model.evaluate(u2, st["t64"][1]).eps - eps_s
-        return c[0] * x - c[1] * eps_s - c[7] * d1_2
+            eps_1 = model.evaluate(torch.add(x * c[2], eps_s, alpha=-c[3]), st["t64"][0]).eps
+            return torch.add(x * c[0], eps_s, alpha=c[4] - c[1]).add_(eps_1, alpha=-c[4])
+        eps_1 = model.evaluate(torch.add(x * c[2], eps_s, alpha=-c[3]), st["t64"][0]).eps
+        u2 = torch.add(x * c[4], eps_s, alpha=c[6] - c[5]).add_(eps_1, alpha=-c[6])
+        eps_2 = model.evaluate(u2, st["t64"][1]).eps
+        return torch.add(x * c[0], eps_s, alpha=c[7] - c[1]).add_(eps_2, alpha=-c[7])
 
 
 @register("dpm_solver_1")
@@ -128,10 +128,9 @@ class DPMSolverPP2S(ExponentialSinglestep):
         c = st["c"]
         x0_s = model.evaluate(x, tab.t64[i]).x0
         if k == 1:
-            return c[0] * x - c[1] * x0_s
-        u = c[2] * x - c[3] * x0_s
-        x0_1 = model.evaluate(u, st["t64"][0]).x0
-        return c[0] * x - c[1] * (c[4] * x0_s + c[5] * x0_1)
+            return torch.add(x * c[0], x0_s, alpha=-c[1])
+        x0_1 = model.evaluate(torch.add(x * c[2], x0_s, alpha=-c[3]), st["t64"][0]).x0
+        return torch.add(x * c[0], x0_s, alpha=-c[1] * c[4]).add_(x0_1, alpha=-c[1] * c[5])
 
 
 # ----------------------------------------------------------------- multistep (x0)

@@ -18,6 +18,7 @@ are evaluated in float64 (series for small h, closed forms otherwise) once per c
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,10 +31,51 @@ from scoresde.sde import SDE, LinearSDE
 from .base import CheckedModel, Solver, StepTable
 from .timesteps import TimeGrid
 
-__all__ = ["phi", "exp_moments", "History", "ExponentialMultistep", "ExponentialSinglestep",
+__all__ = ["phi", "solve_small", "exp_moments", "History", "ExponentialMultistep", "ExponentialSinglestep",
            "lagrange_weights"]
 
 
+def solve_small(A: list[list[float]], b: list[float]) -> list[float]:
+    """Solve the small dense system ``A x = b`` (n <= ~6) in Python float64 by Gaussian
+    elimination with partial pivoting: the per-step order conditions of the multistep methods,
+    without a tensor round trip per step.  Raises ValueError for a singular system."""
+    n = len(b)
+    M = [list(map(float, row)) + [float(v)] for row, v in zip(A, b)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(M[r][c]))
+        if M[p][c] == 0.0:
+            raise ValueError("singular system in solve_small (repeated nodes?)")
+        M[c], M[p] = M[p], M[c]
+        piv = M[c][c]
+        for r in range(c + 1, n):
+            f = M[r][c] / piv
+            if f:
+                row_r, row_c = M[r], M[c]
+                for j in range(c, n + 1):
+                    row_r[j] -= f * row_c[j]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (M[r][n] - sum(M[r][j] * x[j] for j in range(r + 1, n))) / M[r][r]
+    return x
+
+
+def to_dtype_floats(values: list[float], like: Tensor) -> list[float]:
+    """Python floats rounded to ``like``'s dtype (one conversion for a whole table)."""
+    if not values:
+        return []
+    return torch.tensor(values, dtype=torch.float64).to(like.dtype).tolist()
+
+
+def split_like(flat: list[float], nested: list[list]) -> list[list[float]]:
+    """``flat`` cut into the lengths of ``nested``'s rows."""
+    out, pos = [], 0
+    for row in nested:
+        out.append(flat[pos:pos + len(row)])
+        pos += len(row)
+    return out
+
+
+@functools.lru_cache(maxsize=8192)
 def phi(k: int, z: float) -> float:
     r""":math:`\varphi_k(z) = \sum_{j\ge 0} z^j/(j+k)!` in float64 (:math:`\varphi_1(z) = (e^z-1)/z`)."""
     if abs(z) < 0.5:
@@ -62,10 +104,15 @@ def lagrange_weights(nodes: list[float], h: float, rate: float = 1.0) -> list[fl
     r"""Weights :math:`c_j = \int_0^h e^{-(h-u)} L_j(u)\,du` of the Lagrange basis through
     ``nodes`` (offsets :math:`u_j` in :math:`\lambda` from the current point), so that
     :math:`\int_0^h e^{-(h-u)}p(u)du = \sum_j c_j p(u_j)` for every polynomial of degree < len(nodes)."""
+    return list(_lagrange_weights(tuple(map(float, nodes)), float(h), float(rate)))
+
+
+@functools.lru_cache(maxsize=8192)
+def _lagrange_weights(nodes: tuple, h: float, rate: float) -> tuple:
+    """Memoised: repeated ``sample`` calls on one grid (a loop over batches) reuse the weights."""
     k = len(nodes)
-    V = torch.tensor([[u ** m for u in nodes] for m in range(k)], dtype=torch.float64)  # V[m, j]
-    J = torch.tensor(exp_moments(h, k, rate), dtype=torch.float64)
-    return torch.linalg.solve(V, J).tolist()
+    V = [[u ** m for u in nodes] for m in range(k)]  # V[m][j]
+    return tuple(solve_small(V, exp_moments(h, k, rate)))
 
 
 @dataclass(frozen=True)
@@ -130,16 +177,15 @@ class ExponentialMultistep(Solver):
         tab.orders = self.orders_for(grid.steps)
         c = self.rate()
         ratio = (tab.sigma64[1:] / tab.sigma64[:-1]) * torch.exp(-(c - 1.0) * tab.h64)
-        tab.sigma_ratio = ratio.to(dtype=like.dtype, device=like.device)
-        coefs = []
+        alpha = tab.alpha64.tolist()
+        weights = []
         for i, k in enumerate(tab.orders):
             h = lam[i + 1] - lam[i]
             nodes = [lam[i - j] - lam[i] for j in range(min(k, i + 1))]
-            w = torch.tensor(self.weights(k, nodes, h), dtype=torch.float64) * tab.alpha64[i + 1]
-            coefs.append(w.to(dtype=like.dtype, device=like.device))
-        tab.coef = coefs
-        tab.coef_f = [w.tolist() for w in coefs]          # Python floats: fused in-place updates
-        tab.sigma_ratio_f = tab.sigma_ratio.tolist()
+            weights.append([w * alpha[i + 1] for w in self.weights(k, nodes, h)])
+        # Python floats rounded once to the state dtype (the values a tensor update would use)
+        tab.coef_f = split_like(to_dtype_floats([w for ws in weights for w in ws], like), weights)
+        tab.sigma_ratio_f = to_dtype_floats(ratio.tolist(), like)
         return tab
 
     def init(self, x: Tensor) -> History:
@@ -220,25 +266,30 @@ class ExponentialSinglestep(Solver):
         # ``grid.budget`` is the NFE budget the user passed as steps; an explicit grid of n
         # intervals (no budget) takes n full-order steps
         tab.orders = self.orders_for(grid.budget) if grid.budget is not None else [self.order] * grid.steps
-        lam = tab.lam64
-        stages = []
-        for i, k in enumerate(tab.orders):
-            h = float(lam[i + 1] - lam[i])
-            fr = self.stage_fractions(k)
-            lam_st = torch.tensor([float(lam[i]) + r * h for r in fr], dtype=torch.float64)
-            t_st = sde._t_of_log_snr(2.0 * lam_st) if fr else torch.zeros(0, dtype=torch.float64)
-            c = sde.coefficients(t_st) if fr else None
+        lam = tab.lam64.tolist()
+        fracs = [self.stage_fractions(k) for k in tab.orders]
+        # every stage time of every outer step in one inversion and one coefficient call
+        lam_all = [lam[i] + r * (lam[i + 1] - lam[i]) for i, fr in enumerate(fracs) for r in fr]
+        if lam_all:
+            t_all = sde._t_of_log_snr(2.0 * torch.tensor(lam_all, dtype=torch.float64))
+            c_all = sde.coefficients(t_all)
+            lam_reached = (0.5 * c_all["log_snr"]).tolist()
+            a_all, s_all = c_all["alpha"].tolist(), c_all["sigma"].tolist()
+            t_dev = t_all.to(like.device).unbind(0)
+        alpha, sigma = tab.alpha64.tolist(), tab.sigma64.tolist()
+        stages, pos = [], 0
+        for i, (k, fr) in enumerate(zip(tab.orders, fracs)):
+            h = lam[i + 1] - lam[i]
+            sl = slice(pos, pos + len(fr))
+            pos += len(fr)
             # the fractions actually reached: lambda(t_of_log_snr(lam)) may differ from lam by
             # round-off of the inverse (1e-12 for sub-VP); using the reached values keeps every
             # stage on the schedule it is evaluated at (the formulas hold for any r)
-            r_st = tuple(float(v) for v in (0.5 * c["log_snr"] - float(lam[i])) / h) if fr else ()
             stages.append(dict(
-                r=r_st, h=h,
-                a_s=float(tab.alpha64[i]), s_s=float(tab.sigma64[i]),
-                a_t=float(tab.alpha64[i + 1]), s_t=float(tab.sigma64[i + 1]),
-                t64=[v.to(like.device) for v in t_st],
-                alpha=[float(v) for v in c["alpha"]] if fr else [],
-                sigma=[float(v) for v in c["sigma"]] if fr else [],
+                r=tuple((v - lam[i]) / h for v in lam_reached[sl]) if fr else (), h=h,
+                a_s=alpha[i], s_s=sigma[i], a_t=alpha[i + 1], s_t=sigma[i + 1],
+                t64=list(t_dev[sl]) if fr else [],
+                alpha=a_all[sl] if fr else [], sigma=s_all[sl] if fr else [],
             ))
             stages[-1]["c"] = self.stage_coefficients(stages[-1], k)
         tab.stages = stages

@@ -85,23 +85,26 @@ class Heun(Solver):
         return {"orders": orders}
 
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
+        r"""Since :math:`d = (\hat x - \hat x_0)/\hat\sigma = \hat\epsilon`, with
+        :math:`\Delta = \hat\sigma_{i+1}-\hat\sigma_i` and :math:`a = \alpha_{i+1}/\alpha_i` the step is
+        :math:`\tilde x = a x_i + \alpha_{i+1}\Delta\,\hat\epsilon_i` and
+        :math:`x_{i+1} = a x_i + \tfrac12\alpha_{i+1}\Delta(\hat\epsilon_i + \hat\epsilon(\tilde x))`:
+        three Python-float coefficients per step (float64), fused updates."""
         tab = super().prepare(sde, grid, like)
         s_hat = tab.sigma64 / tab.alpha64
-        tab.s_hat = s_hat.tolist()
-        tab.inv_alpha = (1.0 / tab.alpha64).tolist()
-        tab.alpha_f = tab.alpha64.tolist()
+        delta = s_hat[1:] - s_hat[:-1]
+        tab.scale_f = (tab.alpha64[1:] / tab.alpha64[:-1]).tolist()
+        tab.euler_f = (tab.alpha64[1:] * delta).tolist()
+        tab.half_f = (0.5 * tab.alpha64[1:] * delta).tolist()
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
-        s0, s1 = tab.s_hat[i], tab.s_hat[i + 1]
-        xh = x * tab.inv_alpha[i]
-        d = (xh - model.evaluate(x, tab.t64[i]).x0) / s0
-        xh_next = xh + (s1 - s0) * d
+        eps = model.evaluate(x, tab.t64[i]).eps
+        x_next = torch.add(x * tab.scale_f[i], eps, alpha=tab.euler_f[i])
         if not (self.last_step_euler and i == tab.steps - 1):
-            x_mid = xh_next * tab.alpha_f[i + 1]
-            d2 = (xh_next - model.evaluate(x_mid, tab.t64[i + 1]).x0) / s1
-            xh_next = xh + (s1 - s0) * 0.5 * (d + d2)
-        return xh_next * tab.alpha_f[i + 1], state
+            eps2 = model.evaluate(x_next, tab.t64[i + 1]).eps
+            x_next = torch.add(x * tab.scale_f[i], eps, alpha=tab.half_f[i]).add_(eps2, alpha=tab.half_f[i])
+        return x_next, state
 
 
 @register("ddim")

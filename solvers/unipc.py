@@ -7,6 +7,7 @@ VP-only); all coefficients are solved once per call in float64 in :meth:`UniPC.p
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from scoresde.sde import SDE
 
 from ._registry import register
 from .base import CheckedModel, StepTable
-from .exponential import ExponentialMultistep, History, phi
+from .exponential import ExponentialMultistep, History, phi, solve_small, split_like, to_dtype_floats
 from .timesteps import TimeGrid
 
 __all__ = ["UniPC", "unipc_rhos"]
@@ -36,23 +37,29 @@ def unipc_rhos(rks: list[float], h: float, variant: str, corrector: bool) -> tup
     :math:`\sum_m \rho_m r_m^{j-1} = b_j = j!\,\hbar\,\varphi_{j+1}(\hbar)/B(h)`, j = 1..k, over the
     nodes :math:`(r_1, \dots, r_{k-1}, 1)`; :math:`B(h) = \hbar` (bh1) or :math:`e^{\hbar}-1` (bh2).
     The predictor solves the leading :math:`(k-1)\times(k-1)` system, the corrector the full
-    :math:`k\times k` one, with one ``torch.linalg.solve`` in float64.  As in the paper's
-    reference code, the 1x1 systems (predictor of order 2, corrector of order 1) take
+    :math:`k\times k` one, with one small Gaussian elimination in float64
+    (:func:`solvers.exponential.solve_small`).  As in the paper's reference code, the 1x1 systems (predictor of order 2, corrector of order 1) take
     :math:`\rho = 1/2`, the limit :math:`h\to 0` of their solution; it is only there that
     bh1 and bh2 differ (in a solved system :math:`B(h)` cancels from :math:`B(h)\rho`).
     """
+    B, rho = _unipc_rhos(tuple(map(float, rks)), float(h), variant, bool(corrector))
+    return B, list(rho)
+
+
+@functools.lru_cache(maxsize=8192)
+def _unipc_rhos(rks: tuple, h: float, variant: str, corrector: bool) -> tuple[float, tuple]:
+    """Memoised body of :func:`unipc_rhos` (repeated calls on one grid reuse it)."""
     hh = -h
     B = hh if variant == "bh1" else math.expm1(hh)
     n = len(rks) + (1 if corrector else 0)           # size of the system
     if n == 0:
-        return B, []
+        return B, ()
     if n == 1:
-        return B, [0.5]
-    nodes = torch.tensor([*rks, 1.0][:n], dtype=torch.float64)
-    R = torch.stack([nodes ** j for j in range(n)])                       # R[j, m] = r_m^j
-    b = torch.tensor([math.factorial(j) * hh * phi(j + 1, hh) / B for j in range(1, n + 1)],
-                     dtype=torch.float64)
-    return B, torch.linalg.solve(R, b).tolist()
+        return B, (0.5,)
+    nodes = [*rks, 1.0][:n]
+    R = [[r ** j for r in nodes] for j in range(n)]                       # R[j][m] = r_m^j
+    b = [math.factorial(j) * hh * phi(j + 1, hh) / B for j in range(1, n + 1)]
+    return B, tuple(solve_small(R, b))
 
 
 @register("unipc")
@@ -79,7 +86,9 @@ class UniPC(ExponentialMultistep):
     data predictions), and :math:`\hat x_0^{(i+1)}` (taken at :math:`\tilde x_{i+1}`, as in the
     paper) enters the history.  :math:`\rho^p, \rho^c` solve the order conditions of
     :func:`unipc_rhos`; :math:`B(h) = \hbar` (``variant="bh1"``) or :math:`e^{\hbar}-1` (``"bh2"``).
-    The last step is not corrected (no evaluation follows it), so **nfe == steps**.
+    The last step is not corrected (no evaluation follows it), so **nfe == steps**.  The
+    states handed to ``callback`` and recorded in ``trajectory`` are the predictor's
+    :math:`\tilde x_{i+1}` (the correction is applied at the next step, after its evaluation).
 
     **Options:** ``order`` p in {1, 2, 3} (the predictor's order; warm-up uses orders
     1, 2, ... as history accumulates), ``variant`` "bh1" | "bh2", ``use_corrector``
@@ -152,17 +161,17 @@ class UniPC(ExponentialMultistep):
         lam = tab.lam64.tolist()
         # corr[i] corrects the state reached at t_i by step i-1 (order orders[i-1]); none at
         # i = 0 (nothing to correct) and none after the last step (no evaluation follows it)
-        corr: list[Tensor | None] = [None] * grid.steps
+        corr: list[list[float] | None] = [None] * grid.steps
         if self.use_corrector:
+            alpha = tab.alpha64.tolist()
             for i in range(1, grid.steps):
                 k, s = tab.orders[i - 1], i - 1
                 nodes = [lam[s - m] - lam[s] for m in range(k)]
-                w = torch.tensor(self.corrector_weights(k, nodes, lam[i] - lam[s]),
-                                 dtype=torch.float64) * tab.alpha64[i]
-                corr[i] = w.to(dtype=like.dtype, device=like.device)
-        tab.corr = corr
-        tab.corr_f = [None if c is None else c.tolist() for c in corr]
-        tab.corr_orders = [0 if c is None else int(c.numel()) - 1 for c in corr]
+                corr[i] = [w * alpha[i] for w in self.corrector_weights(k, nodes, lam[i] - lam[s])]
+        rows = [c for c in corr if c is not None]
+        flat = iter(split_like(to_dtype_floats([w for c in rows for w in c], like), rows))
+        tab.corr_f = [None if c is None else next(flat) for c in corr]   # Python floats: fused updates
+        tab.corr_orders = [0 if c is None else len(c) - 1 for c in corr]
         return tab
 
     # --------------------------------------------------------------------- step

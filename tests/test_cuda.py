@@ -74,3 +74,19 @@ def test_cuda_generator_with_cpu_x_is_refused():
     with pytest.raises(ValueError, match="generator"):
         solvers.sample(target.as_model(sde), x, "euler_maruyama", 4,
                        generator=torch.Generator(device="cuda").manual_seed(0))
+
+
+def test_calibrate_timesteps_on_cuda():
+    """The calibration runs with the model and samples on the GPU (costs gathered on the CPU),
+    returns a CPU float64 grid with exact end points, and its refinement only improves."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = scoresde.ScoreModel(MLP().double().to(dev).eval(), scoresde.VPSDE(), "eps")
+    x = torch.randn(32, 8, dtype=torch.float64, device=dev)
+    for method in (None, "unipc"):
+        cal = solvers.calibrate_timesteps(model, x, 6, t_end=1e-2, fine_steps=40, method=method, max_trials=20)
+        t = cal.timesteps
+        assert t.device.type == "cpu" and t.dtype == torch.float64 and t.numel() == 7
+        assert float(t[0]) == model.sde.T and float(t[-1]) == 1e-2 and bool((t[1:] < t[:-1]).all())
+        if method is not None:
+            assert cal.calibration_error <= cal.start_error

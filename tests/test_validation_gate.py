@@ -67,3 +67,31 @@ def test_main_exits_1_and_lists_the_failure(tmp_path, monkeypatch, capsys):
     assert "VERDICT: FAIL" in out and "ddim: fitted order" in out
     res = json.loads((tmp_path / "bad" / "results.json").read_text())
     assert res["failures"] and (tmp_path / "bad" / "report.md").exists()
+
+
+def test_ours_on_a_peer_map_respects_its_nfe_and_end():
+    """Our candidates on a peer's map (validation/peers.py) never spend more NFE than the peer;
+    on a `flow0` map (the flow to sigma = 0) they integrate to sigma/alpha = 1e-2 and denoise;
+    the calibrated candidates fit their grid on other samples than the measured ones."""
+    import math
+
+    from validation import peers as pe
+
+    prob = make_problems()["mixture2d"]
+    lam0 = -10.0
+    x = pe._start(prob, lam0, 16)
+    run = pe.PeerRun(x, x, 8, lam0, 9.0, "flow0", math.inf)
+    ts, te, den = pe.ours_map(run)
+    assert den and pe.lam_of_t(te) == pytest.approx(-2.0 * math.log(1e-2), abs=1e-8)
+    ref = pe.RefCache().get(prob, run)
+    seen, errors = set(), []
+    for name, opts, sch in pe.OURS:
+        r = pe.ours_on_map(prob, run, name, opts, run.nfe, ref, sch)
+        if r is not None:
+            assert r[1] <= run.nfe and math.isfinite(r[0])
+            errors.append(r[0])
+            seen.add(sch)
+            assert (r[2] > 0) == (sch == "calibrated")
+    assert "calibrated" in seen and "log_snr" in seen
+    assert min(errors) < 0.1
+    assert pe.CALIBRATION_SEED != 41          # the start samples' seed (pe._start)

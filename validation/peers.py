@@ -362,9 +362,19 @@ class RefCache:
 #: our candidates on a peer's map: methods x grids (our grid choice is ours to make; the map,
 #: the start samples and the NFE are the peer's)
 OURS_METHODS = [("dpmpp_2m", {}), ("dpmpp_3m", {}), ("unipc", {"order": 2}), ("unipc", {"order": 3}),
+                ("unipc", {"order": 2, "variant": "bh2"}), ("unipc", {"order": 3, "variant": "bh2"}),
                 ("dpm_solver_3", {})]
-OURS_SCHEDULES = ("log_snr", "karras", "quadratic", "uniform")
-OURS = [(m, o, s) for m, o in OURS_METHODS for s in OURS_SCHEDULES]
+#: "calibrated": solvers.calibrate_timesteps for that method, on separate calibration samples
+OURS_SCHEDULES = ("log_snr", "karras", "quadratic", "uniform", "calibrated")
+CALIBRATED_METHODS = [("unipc", {"order": 2, "variant": "bh2"}), ("unipc", {"order": 3, "variant": "bh2"})]
+#: calibration is for the few-step regime: up to this NFE, with this many refinement trials
+CALIBRATED_MAX_NFE = 20
+CALIBRATION_TRIALS = 200
+OURS = [(m, o, s) for m, o in OURS_METHODS for s in OURS_SCHEDULES
+        if s != "calibrated" or (m, o) in CALIBRATED_METHODS]
+#: calibration samples per calibrated grid, and their seed (the start samples use seed 41)
+CALIBRATION_SAMPLES = 128
+CALIBRATION_SEED = 1234
 
 
 def ours_label(name: str, opts: dict, schedule: str | None = None) -> str:
@@ -373,23 +383,65 @@ def ours_label(name: str, opts: dict, schedule: str | None = None) -> str:
     return f"{base} [{schedule}]" if schedule else base
 
 
+def ours_map(run: PeerRun) -> tuple[float, float, bool]:
+    """(t_start, t_end, denoise) of *our* run on a peer's map.  Equal to :func:`map_times`, except
+    on a ``flow0`` map (the flow to sigma = 0): there we integrate to the suite's data-end level
+    sigma/alpha = END_NOISE (log-SNR 9.21) and take the first-order denoising step to sigma = 0
+    (one NFE), as practitioners (score_sde's ``denoise``, k-diffusion's own samplers) do, rather
+    than extrapolating in log-SNR over the last interval to sigma/alpha = 1e-7.  A fixed rule, the
+    same at every NFE; the reference stays the peer's map to sigma/alpha = 1e-7."""
+    ts, te, den = map_times(run)
+    if run.end == "flow0":
+        from .problems import END_NOISE
+        return ts, t_of_lam(-2.0 * math.log(END_NOISE)), True
+    return ts, te, den
+
+
+_CALIBRATED: dict = {}
+
+
+def calibrated_grid(problem: Problem, ts: float, te: float, steps: int, name: str, opts: dict,
+                    denoise: bool) -> solvers.CalibratedGrid:
+    """``solvers.calibrate_timesteps`` for this method, problem and map, fitted on its own
+    calibration samples (exact marginal at ``ts``, seed CALIBRATION_SEED: never the measured
+    samples); cached."""
+    key = (problem.name, round(ts, 13), round(te, 13), steps, ours_label(name, opts), denoise)
+    if key not in _CALIBRATED:
+        model = problem.target.as_model(REF_SDE, "eps")
+        x_cal = problem.target.marginal(REF_SDE, ts).sample(CALIBRATION_SAMPLES,
+                                                            torch.Generator().manual_seed(CALIBRATION_SEED))
+        _CALIBRATED[key] = solvers.calibrate_timesteps(model, x_cal, steps, method=name, method_options=opts,
+                                                       t_start=ts, t_end=te, final_denoise=denoise,
+                                                       max_trials=CALIBRATION_TRIALS)
+    return _CALIBRATED[key]
+
+
 def ours_on_map(problem: Problem, run: PeerRun, name: str, opts: dict, nfe: int, ref: torch.Tensor,
                 schedule: str | None = None) -> tuple[float, int] | None:
     from .metrics import steps_for_nfe
 
-    ts, te, den = map_times(run)
+    ts, te, den = ours_map(run)
     budget = nfe - (1 if den else 0)
     s = steps_for_nfe(name, opts, budget)
     if s is None:
         return None
     model = problem.target.as_model(REF_SDE, "eps")
+    cal_nfe = 0
+    if schedule == "calibrated" and nfe > CALIBRATED_MAX_NFE:
+        return None
+    if schedule == "calibrated":
+        cal = calibrated_grid(problem, ts, te, s, name, opts, den)
+        grid, cal_nfe = dict(timesteps=cal.timesteps), cal.nfe
+    else:
+        grid = dict(steps=s, schedule=schedule, t_start=ts, t_end=te)
     try:
-        sol = solvers.sample(model, run.x_start, name, s, t_start=ts, t_end=te, final_denoise=den,
-                             schedule=schedule, **opts)
+        sol = solvers.sample(model, run.x_start, name, final_denoise=den, **grid, **opts)
     except ValueError:          # a grid that cannot be built for this map
         return None
+    if sol.nfe > nfe:
+        raise AssertionError(f"{ours_label(name, opts, schedule)} used {sol.nfe} NFE on a {nfe}-NFE map")
     e = rms(sol.x, ref)
-    return (e if math.isfinite(e) else float("inf")), sol.nfe
+    return (e if math.isfinite(e) else float("inf")), sol.nfe, cal_nfe
 
 
 # ------------------------------------------------------------------------ overhead
@@ -503,11 +555,14 @@ def compare(peer: Peer, problem: Problem, refs: RefCache, nfes=COMPARE_NFE) -> d
         for name, opts, sch in OURS:
             r = ours_on_map(problem, run, name, opts, run.nfe, ref, sch)
             if r is not None:
-                ours[ours_label(name, opts, sch)] = dict(error=r[0], nfe=r[1])
+                ours[ours_label(name, opts, sch)] = dict(error=r[0], nfe=r[1], **(
+                    dict(calibration_nfe=r[2], calibration_samples=CALIBRATION_SAMPLES) if r[2] else {}))
         best = min(ours.items(), key=lambda kv: kv[1]["error"]) if ours else (None, dict(error=float("nan")))
         ts, te, den = map_times(run)
+        _, our_te, our_den = ours_map(run)
         rows.append(dict(target_nfe=target, nfe=run.nfe, peer_error=e_peer, ours=ours, best=best[0],
                          best_error=best[1]["error"],
                          map=dict(lam_start=run.lam_start, lam_last=run.lam_last, end=run.end,
-                                  lam_end=run.lam_end, t_start=ts, t_end=te, denoise=den)))
+                                  lam_end=run.lam_end, t_start=ts, t_end=te, denoise=den),
+                         ours_end=dict(t_end=our_te, denoise=our_den)))
     return dict(peer=peer.name, family=peer.family, problem=problem.name, rows=rows)
