@@ -99,10 +99,11 @@ def min_cost_path(cost: Tensor, steps: int) -> tuple[list[int], float]:
     return path[::-1], float(best[last])
 
 
-def _step_costs(X: Tensor, D: Tensor, lam: Tensor) -> Tensor:
-    """c[m, n] of the module docstring for every m < n (inf elsewhere), float64."""
+def _step_costs(X: Tensor, D: Tensor, coef: dict[str, Tensor]) -> Tensor:
+    """c[m, n] of the module docstring for every m < n (inf elsewhere), float64; ``coef`` is
+    ``sde.coefficients`` at the fine nodes (the SDE's own alpha and sigma)."""
     n_nodes = X.shape[0]
-    alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+    alpha, sigma, lam = coef["alpha"], coef["sigma"], coef["log_snr"]
     cost = torch.full((n_nodes, n_nodes), float("inf"), dtype=torch.float64)
     flat_x = X.reshape(n_nodes, -1)
     flat_d = D.reshape(n_nodes, -1)
@@ -165,7 +166,8 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
     if method is not None:
         get(method, **method_options)            # a bad name or option fails here, before any call
     fine = make_grid(sde, fine_steps, "log_snr", t_end, t_start)
-    lam_fine = sde._log_snr(fine.t)
+    coef = sde.coefficients(fine.t)
+    lam_fine = coef["log_snr"]
     nfe0 = model.nfe
 
     # ---- stage 1: teacher trajectory, first-order local errors, GITS path
@@ -178,7 +180,7 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
                **(teacher_options or {})).trajectory[::teacher_refine]
     with torch.no_grad():
         D = torch.stack([model.x0(X[m], float(fine.t[m])) for m in range(fine_steps)] + [X[-1]])
-    cost = _step_costs(X, D, lam_fine)
+    cost = _step_costs(X, D, coef)
     path, total = min_cost_path(cost, steps)
     even = torch.linspace(0, fine_steps, steps + 1).round().long().tolist()
     uniform = sum(float(cost[a, b]) for a, b in zip(even[:-1], even[1:]))

@@ -55,16 +55,17 @@ def test_min_cost_path_bad_steps():
         min_cost_path(cost, 0)
 
 
-def test_step_costs_are_first_order_step_errors():
-    """c[m, n] equals the RMS error of solvers' own DDIM step from X_m to t_n against X_n."""
-    sde = scoresde.VPSDE()
+def test_step_costs_are_first_order_step_errors(any_sde):
+    """c[m, n] equals the RMS error of solvers' own DDIM step from X_m to t_n against X_n, under
+    every SDE family (alpha and sigma are the SDE's own, not the VP pair of its log-SNR)."""
+    sde = any_sde
     target = _mixture()
     model = target.as_model(sde, "eps")
-    t = solvers.make_grid(sde, 6, "log_snr", t_end=1e-2).t
+    t = solvers.make_grid(sde, 6, "log_snr", t_end=10 * sde.default_t_end).t
     x = target.marginal(sde, sde.T).sample(16, torch.Generator().manual_seed(1))
     X = solvers.sample(model, x, "dpmpp_3m", timesteps=t, return_trajectory=True).trajectory
     D = torch.stack([target.x0(X[m], float(t[m]), sde) for m in range(7)])
-    cost = _step_costs(X, D, sde._log_snr(t))
+    cost = _step_costs(X, D, sde.coefficients(t))
     for m, n in [(0, 1), (0, 6), (2, 5), (4, 5)]:
         step = solvers.sample(model, X[m], "ddim", timesteps=torch.stack([t[m], t[n]])).x
         assert float(cost[m, n]) == pytest.approx(float((step - X[n]).pow(2).mean().sqrt()), rel=1e-10)
