@@ -39,26 +39,31 @@ def _sdes(results, rows) -> list[str]:
     return [s for s in SDE_ORDER if s in present]
 
 
+def _method_sde_table(results: dict, rows: list[dict], key: str, label, cell) -> tuple[list[str], list[list]]:
+    """The method x SDE skeleton shared by the deterministic tables: one row per distinct
+    ``r[key]`` (in order of appearance), ``label(m, r)`` (a list of leading cells, from the
+    method's row under its first SDE), then ``cell(r)`` per SDE ("" where the method has no row)."""
+    sdes = _sdes(results, rows)
+    by = {(r[key], r["sde"]): r for r in rows}
+    out = []
+    for m in dict.fromkeys(r[key] for r in rows):
+        first = next(by[(m, s)] for s in sdes if (m, s) in by)
+        out.append(label(m, first) + [cell(by[(m, s)]) if (m, s) in by else "" for s in sdes])
+    return sdes, out
+
+
 def order_table(results: dict, problem: str) -> str | None:
     rows = [r for r in results["deterministic"] if r["problem"] == problem and "fitted" in r]
     if not rows:
         return None
-    sdes = _sdes(results, rows)
-    by = {(r["method"], r["sde"]): r for r in rows}
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    out = []
-    for m in methods:
-        any_r = next(r for r in rows if r["method"] == m)
-        cells = []
-        for s in sdes:
-            r = by.get((m, s))
-            if r is None:
-                cells.append("")
-                continue
-            flag = "" if r.get("ok") in (True, None) else " **FAIL**"
-            cells.append(fmt(r["fitted"]) + flag)
-        theory = fmt(any_r["theory"], "g") + (f" (<= {any_r['max_order']:g})" if any_r.get("max_order") else "")
-        out.append([m, theory] + cells)
+
+    def label(m, r):
+        return [m, fmt(r["theory"], "g") + (f" (<= {r['max_order']:g})" if r.get("max_order") else "")]
+
+    def cell(r):
+        return fmt(r["fitted"]) + ("" if r.get("ok") in (True, None) else " **FAIL**")
+
+    sdes, out = _method_sde_table(results, rows, "method", label, cell)
     return md_table(["method", "theory"] + sdes, out)
 
 
@@ -66,27 +71,17 @@ def nfe_table(results: dict, problem: str, level: str = "1e-03") -> str | None:
     rows = [r for r in results["deterministic"] if r["problem"] == problem]
     if not rows:
         return None
-    sdes = _sdes(results, rows)
-    by = {(r["name"], r["sde"]): r for r in rows}
-    names = list(dict.fromkeys(r["name"] for r in rows))
-    out = []
-    for m in names:
-        cells = []
-        for s in sdes:
-            r = by.get((m, s))
-            if r is None:
-                cells.append("")
-                continue
-            v = r["nfe_to"].get(level)
-            first = r["sweep_nfe"][0] if r["sweep_nfe"] else None
-            if v is None:
-                cells.append(f"> {r['sweep_nfe'][-1]}" if r["sweep_nfe"] else "-")
-            elif first is not None and v <= first and r["sweep_errors"][0] <= float(level):
-                cells.append(f"<= {first}")
-            else:
-                cells.append(f"{v:.0f}")
-        sched = by[(m, next(s for s in sdes if (m, s) in by))]["sweep_schedule"]
-        out.append([f"{m} ({sched})"] + cells)
+
+    def cell(r):
+        v = r["nfe_to"].get(level)
+        first = r["sweep_nfe"][0] if r["sweep_nfe"] else None
+        if v is None:
+            return f"> {r['sweep_nfe'][-1]}" if r["sweep_nfe"] else "-"
+        if first is not None and v <= first and r["sweep_errors"][0] <= float(level):
+            return f"<= {first}"
+        return f"{v:.0f}"
+
+    sdes, out = _method_sde_table(results, rows, "name", lambda m, r: [f"{m} ({r['sweep_schedule']})"], cell)
     return md_table(["method (grid)"] + sdes, out)
 
 
@@ -94,24 +89,16 @@ def err_at_table(results: dict, problem: str, nfes=(10, 20)) -> str | None:
     rows = [r for r in results["deterministic"] if r["problem"] == problem]
     if not rows:
         return None
-    sdes = _sdes(results, rows)
-    by = {(r["name"], r["sde"]): r for r in rows}
-    names = list(dict.fromkeys(r["name"] for r in rows))
-    out = []
-    for m in names:
-        cells = []
-        for s in sdes:
-            r = by.get((m, s))
-            if r is None:
-                cells.append("")
-                continue
-            d = dict(zip(r["sweep_nfe"], r["sweep_errors"]))
-            vals = []
-            for n in nfes:   # the nearest NFE actually made at or below n (heun: odd NFE)
-                ks = [k for k in d if k <= n]
-                vals.append(fmt(d[max(ks)], ".1e") if ks else "-")
-            cells.append(" / ".join(vals))
-        out.append([m] + cells)
+
+    def cell(r):
+        d = dict(zip(r["sweep_nfe"], r["sweep_errors"]))
+        vals = []
+        for n in nfes:   # the nearest NFE actually made at or below n (heun: odd NFE)
+            ks = [k for k in d if k <= n]
+            vals.append(fmt(d[max(ks)], ".1e") if ks else "-")
+        return " / ".join(vals)
+
+    sdes, out = _method_sde_table(results, rows, "name", lambda m, r: [m], cell)
     return md_table(["method"] + [f"{s} (NFE {'/'.join(map(str, nfes))})" for s in sdes], out)
 
 
