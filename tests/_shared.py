@@ -1,4 +1,7 @@
 """Helpers shared by several test modules (imported as ``from _shared import ...``)."""
+import functools
+import math
+
 import torch
 
 import scoresde
@@ -19,3 +22,16 @@ class OU(scoresde.SDE):
 
     def diffusion(self, t):
         return torch.full_like(torch.as_tensor(t, dtype=torch.float64), self.b ** 0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def two_mode_mixture() -> scoresde.GaussianMixture:
+    """d=2, two well separated anisotropic components (axis ratios 30 and 7.5, rotated)."""
+    def rot(th, a, b):
+        c, s = math.cos(th), math.sin(th)
+        r = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+        return r @ torch.diag(torch.tensor([a, b], dtype=torch.float64)) @ r.T
+
+    return scoresde.GaussianMixture(torch.tensor([0.35, 0.65], dtype=torch.float64),
+                                    torch.tensor([[-2.0, 1.0], [1.5, -0.5]], dtype=torch.float64),
+                                    torch.stack([rot(0.4, 0.3, 0.01), rot(-1.0, 0.15, 0.02)]))

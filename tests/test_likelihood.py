@@ -36,7 +36,7 @@ import scoresde
 import solvers
 from conftest import make_sde
 from solvers import LikelihoodResult, NonFiniteError, SolverError, bits_per_dim, encode, log_likelihood
-from _shared import OU
+from _shared import OU, two_mode_mixture
 
 F64 = torch.float64
 
@@ -49,19 +49,6 @@ def gaussian(d: int) -> scoresde.Gaussian:
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
     cov = (q * torch.linspace(0.05, 1.5, d, dtype=F64)) @ q.T
     return scoresde.Gaussian(torch.randn(d, generator=g, dtype=F64), cov)
-
-
-@functools.lru_cache(maxsize=None)
-def mixture() -> scoresde.GaussianMixture:
-    """d=2, two well separated anisotropic components (axis ratios 30 and 7.5, rotated)."""
-    def rot(th, a, b):
-        c, s = math.cos(th), math.sin(th)
-        r = torch.tensor([[c, -s], [s, c]], dtype=F64)
-        return r @ torch.diag(torch.tensor([a, b], dtype=F64)) @ r.T
-
-    return scoresde.GaussianMixture(torch.tensor([0.35, 0.65], dtype=F64),
-                                    torch.tensor([[-2.0, 1.0], [1.5, -0.5]], dtype=F64),
-                                    torch.stack([rot(0.4, 0.3, 0.01), rot(-1.0, 0.15, 0.02)]))
 
 
 def data(target, n: int, seed: int = 1) -> torch.Tensor:
@@ -144,7 +131,7 @@ def test_gaussian_vp_equals_marginal_when_prior_is_exact(d):
 
 # ------------------------------------------------------------------ exactness: mixture
 def test_mixture_within_1e4_nats_per_dim():
-    target = mixture()
+    target = two_mode_mixture()
     x = data(target, 128)
     d = 2
     # default VP: the prior mismatch (measured 6.9e-4 nats/dim on average) is taken out at the latent
@@ -588,8 +575,8 @@ def test_encode_is_the_exact_flow_and_decode_round_trips():
 
 @pytest.mark.parametrize("tol", [1e-4, 1e-6])
 def test_mixture_round_trip_within_tolerance(tol):
-    target, sde = mixture(), scoresde.VPSDE()
-    model, x = target.as_model(sde), data(mixture(), 64)
+    target, sde = two_mode_mixture(), scoresde.VPSDE()
+    model, x = target.as_model(sde), data(two_mode_mixture(), 64)
     z = encode(model, x, rtol=tol, atol=tol).x
     back = solvers.sample(model, z, "pf_ode", rtol=tol, atol=tol).x
     err = float((back - x).abs().max())
@@ -672,8 +659,8 @@ def test_bits_per_dim_bad_arguments():
 # ------------------------------------------------------------------ slow
 @pytest.mark.slow
 def test_slow_mixture_hutchinson_many_probes_matches_exact():
-    target, sde = mixture(), scoresde.VPSDE()
-    model, x = target.as_model(sde), data(mixture(), 32)
+    target, sde = two_mode_mixture(), scoresde.VPSDE()
+    model, x = target.as_model(sde), data(two_mode_mixture(), 32)
     exact = log_likelihood(model, x, rtol=1e-7, atol=1e-7)
     res = log_likelihood(model, x, "hutchinson", probes=512, generator=torch.Generator().manual_seed(0),
                          rtol=1e-7, atol=1e-7)

@@ -24,7 +24,6 @@ reference, and the warm-up study.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import pytest
@@ -36,6 +35,7 @@ import scoresde
 import solvers
 from conftest import SDE_NAMES, make_sde
 from solvers.noise import ZeroNoise
+from _shared import two_mode_mixture
 
 F64 = torch.float64
 FLOOR = 1e-10       # round-off floor: every error of a fitted ladder must lie above it
@@ -50,19 +50,6 @@ def gaussian_target() -> scoresde.Gaussian:
     q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
     cov = (q * torch.logspace(-2, 0, 4, dtype=F64)) @ q.T
     return scoresde.Gaussian(torch.tensor([0.5, -1.0, 0.3, 2.0], dtype=F64), cov)
-
-
-@functools.lru_cache(maxsize=None)
-def mixture_target() -> scoresde.GaussianMixture:
-    """2-D, two well separated anisotropic components (axis ratios 30 and 7.5, rotated)."""
-    def rot(th, a, b):
-        c, s = math.cos(th), math.sin(th)
-        r = torch.tensor([[c, -s], [s, c]], dtype=F64)
-        return r @ torch.diag(torch.tensor([a, b], dtype=F64)) @ r.T
-
-    return scoresde.GaussianMixture(torch.tensor([0.35, 0.65], dtype=F64),
-                                    torch.tensor([[-2.0, 1.0], [1.5, -0.5]], dtype=F64),
-                                    torch.stack([rot(0.4, 0.3, 0.01), rot(-1.0, 0.15, 0.02)]))
 
 
 SDES = {"vp": lambda: scoresde.VPSDE(beta_min=0.1, beta_max=20.0),
@@ -81,7 +68,7 @@ def gaussian_problem(sde_name: str):
 def mixture_problem(sde_name: str):
     """(sde, model, x_T, reference) for the mixture; the reference is pf_ode (dopri5) at
     rtol = atol = 1e-10 (agrees with dopri8 at 1e-12 to ~2e-10)."""
-    sde, target = SDES[sde_name](), mixture_target()
+    sde, target = SDES[sde_name](), two_mode_mixture()
     model = target.as_model(sde)
     x_T = target.marginal(sde, sde.T).sample(8, generator=torch.Generator().manual_seed(2))
     ref = solvers.sample(model, x_T, "pf_ode", rtol=1e-10, atol=1e-10)

@@ -21,16 +21,6 @@ from conftest import make_sde
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny [B, d] tensors: intra-op threading only adds wake-up latency (a K=1 softmax in the
-    # exact model costs ~4 ms per call with 2 threads on the CI box, 2 us with one).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _target(cov_scale: float = 1.0) -> scoresde.Gaussian:
     """d = 4, mean != 0, covariance eigenvalues spread over two decades (0.02 .. 2)."""
     g = torch.Generator().manual_seed(0)
