@@ -63,13 +63,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 import scoresde
 import solvers
 from solvers.base import CheckedModel
 from solvers.likelihood import _Problem, _default_chunk
 from solvers.ode import pf_ode_drift
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import MLP  # noqa: E402  (the benchmarks' one network, benchmarks/overhead.py)
 
 DT = torch.float64
 
@@ -333,17 +335,6 @@ def run_benchmark(n: int, repeats: int, rtol: float, solves: int) -> None:
 
 
 # ----------------------------------------------------------------------------- jvp vs vjp
-class MLP(nn.Module):
-    def __init__(self, d: int, width: int = 256):
-        super().__init__()
-        self.inp = nn.Linear(d + 1, width)
-        self.body = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
-        self.out = nn.Linear(width, d)
-
-    def forward(self, x, t):
-        return self.out(self.body(self.inp(torch.cat([x, t[:, None]], dim=1))))
-
-
 def run_products(repeats: int) -> None:
     """Forward (jvp) vs reverse (vjp) mode for the exact divergence, through the library's own
     product code, timed interleaved (vjp, jvp, vjp, ...) so that a shared machine's load hits
