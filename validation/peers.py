@@ -50,7 +50,7 @@ import scoresde
 import solvers
 
 from .metrics import fit_order
-from .problems import F64, Problem, end_time, reference_map, rms, start_samples
+from .problems import END_NOISE, F64, Problem, end_time, reference_map, rms, start_samples
 
 #: the continuous VP on which every peer map is expressed (T = 1.1 reaches diffusers' first
 #: timestep, log-SNR -10.12, beyond VPSDE()'s -10.05 at t = 1)
@@ -392,7 +392,6 @@ def ours_map(run: PeerRun) -> tuple[float, float, bool]:
     same at every NFE; the reference stays the peer's map to sigma/alpha = 1e-7."""
     ts, te, den = map_times(run)
     if run.end == "flow0":
-        from .problems import END_NOISE
         return ts, t_of_lam(-2.0 * math.log(END_NOISE)), True
     return ts, te, den
 
@@ -417,18 +416,20 @@ def calibrated_grid(problem: Problem, ts: float, te: float, steps: int, name: st
 
 
 def ours_on_map(problem: Problem, run: PeerRun, name: str, opts: dict, nfe: int, ref: torch.Tensor,
-                schedule: str | None = None) -> tuple[float, int] | None:
+                schedule: str | None = None) -> tuple[float, int, int] | None:
+    """(error, NFE used, calibration NFE) of one of our candidates on the peer's map, or None
+    where it does not apply (too few NFE, a calibrated grid above CALIBRATED_MAX_NFE, a grid
+    that cannot be built)."""
     from .metrics import steps_for_nfe
 
+    if schedule == "calibrated" and nfe > CALIBRATED_MAX_NFE:
+        return None
     ts, te, den = ours_map(run)
-    budget = nfe - (1 if den else 0)
-    s = steps_for_nfe(name, opts, budget)
+    s = steps_for_nfe(name, opts, nfe - (1 if den else 0))
     if s is None:
         return None
     model = problem.target.as_model(REF_SDE, "eps")
     cal_nfe = 0
-    if schedule == "calibrated" and nfe > CALIBRATED_MAX_NFE:
-        return None
     if schedule == "calibrated":
         cal = calibrated_grid(problem, ts, te, s, name, opts, den)
         grid, cal_nfe = dict(timesteps=cal.timesteps), cal.nfe
