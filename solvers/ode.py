@@ -100,10 +100,11 @@ class Heun(Solver):
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
         eps = model.evaluate(x, tab.t64[i]).eps
-        x_next = torch.add(x * tab.scale_f[i], eps, alpha=tab.euler_f[i])
+        ax = x * tab.scale_f[i]
+        x_next = torch.add(ax, eps, alpha=tab.euler_f[i])
         if not (self.last_step_euler and i == tab.steps - 1):
             eps2 = model.evaluate(x_next, tab.t64[i + 1]).eps
-            x_next = torch.add(x * tab.scale_f[i], eps, alpha=tab.half_f[i]).add_(eps2, alpha=tab.half_f[i])
+            x_next = ax.add_(eps, alpha=tab.half_f[i]).add_(eps2, alpha=tab.half_f[i])
         return x_next, state
 
 

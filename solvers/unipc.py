@@ -38,7 +38,8 @@ def unipc_rhos(rks: list[float], h: float, variant: str, corrector: bool) -> tup
     nodes :math:`(r_1, \dots, r_{k-1}, 1)`; :math:`B(h) = \hbar` (bh1) or :math:`e^{\hbar}-1` (bh2).
     The predictor solves the leading :math:`(k-1)\times(k-1)` system, the corrector the full
     :math:`k\times k` one, with one small Gaussian elimination in float64
-    (:func:`solvers.exponential.solve_small`).  As in the paper's reference code, the 1x1 systems (predictor of order 2, corrector of order 1) take
+    (:func:`solvers.exponential.solve_small`).  As in the paper's reference code, the 1x1
+    systems (predictor of order 2, corrector of order 1) take
     :math:`\rho = 1/2`, the limit :math:`h\to 0` of their solution; it is only there that
     bh1 and bh2 differ (in a solved system :math:`B(h)` cancels from :math:`B(h)\rho`).
     """
