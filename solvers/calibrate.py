@@ -204,6 +204,14 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
             return (float("inf"),) * 3
         return _rms(sol.x, target), _rms(sol.x[:half], target[:half]), _rms(sol.x[half:], target[half:])
 
+    def grid_of(lam: Tensor) -> Tensor:
+        t = sde._t_of_log_snr(lam)
+        t[0], t[-1] = t_s, t_e            # exact end points despite round-off of the inverse
+        return t
+
+    def better(e: tuple, than: tuple) -> bool:
+        return (e[1] < than[1] and e[2] < than[2]) if half else e[0] < than[0]
+
     starts = {"gits": gits}
     for sch in START_SCHEDULES:
         try:
@@ -212,8 +220,8 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
             pass
     scored = {name: error(t) for name, t in starts.items()}
     start = min(scored, key=lambda k: scored[k][0])
-    lam = sde._log_snr(starts[start]).clone()
-    best = scored[start]
+    best_t, best = starts[start], scored[start]
+    lam = sde._log_snr(best_t).clone()
     trials = 0
     for frac in (0.5, 0.25, 0.125):
         improved = True
@@ -226,15 +234,12 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
                         break
                     trial = lam.clone()
                     trial[j] = lam[j] + sign * frac * gap
-                    t = sde._t_of_log_snr(trial)
-                    t[0], t[-1] = t_s, t_e
+                    t = grid_of(trial)
                     if not bool((t[1:] < t[:-1]).all()):
                         continue
                     trials += 1
                     e = error(t)
-                    if e[1] < best[1] and e[2] < best[2] if half else e[0] < best[0]:
-                        best, lam, improved = e, trial, True
+                    if better(e, best):
+                        best, best_t, lam, improved = e, t, trial, True
                         break
-    t = sde._t_of_log_snr(lam)
-    t[0], t[-1] = t_s, t_e
-    return CalibratedGrid(t, total, uniform, best[0], start, scored[start][0], model.nfe - nfe0)
+    return CalibratedGrid(best_t.clone(), total, uniform, best[0], start, scored[start][0], model.nfe - nfe0)
