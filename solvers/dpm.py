@@ -233,7 +233,9 @@ class _MultistepSDE(ExponentialMultistep):
               + \sigma_{i+1}\sqrt{1-e^{-2\eta h}}\;z_i,
 
     the weights integrating the interpolant against :math:`e^{-c(h-u)}`.  ``eta = 1`` is the
-    reverse SDE, ``eta = 0`` the ODE method."""
+    reverse SDE, ``eta = 0`` the ODE method.  The injected noise makes the history rough on
+    the scale :math:`\sqrt{h}`, so a short history gap would amplify it: the orders follow
+    :meth:`ExponentialMultistep.stable_orders` as for the ODE methods."""
 
     stochastic: ClassVar[bool] = True
     eta: float = 1.0

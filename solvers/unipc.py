@@ -94,7 +94,8 @@ class UniPC(ExponentialMultistep):
     **Options:** ``order`` p in {1, 2, 3} (the predictor's order; warm-up uses orders
     1, 2, ... as history accumulates), ``variant`` "bh1" | "bh2", ``use_corrector``
     (default True), ``lower_order_final`` (default False; True reproduces the reference code's
-    final steps of decreasing order, which lowers the global order to at most 2).
+    final steps of decreasing order, which lowers the global order to at most 2),
+    ``min_gap_ratio`` (default 0.04, see below).
 
     **Order:** UniP-p alone has local error :math:`O(h^{p+1})`, UniPC-p :math:`O(h^{p+2})`
     (Zhao et al. 2023, Sec. 3: UniC raises the order by one).  The global order
@@ -105,6 +106,10 @@ class UniPC(ExponentialMultistep):
     the step counts float64 resolves UniPC-3 shows the order 4 of its corrected steps
     (measured 3.9-4.0 on the Gaussian problem); started where alpha and sigma are both O(1),
     it shows 3.  NFE per step: 1 (nfe == steps).
+
+    **Uneven grids:** where a history gap is short against the step (ratio below
+    ``min_gap_ratio``, :meth:`ExponentialMultistep.stable_orders`) the step's order is lowered,
+    and its corrector, which uses the same history nodes, follows (``stats["order_lowered_at"]``).
     """
 
     order: int = 3
