@@ -2,7 +2,7 @@
 
 Every public entry point validates its arguments once, at the boundary, with
 ``if ...: raise`` and a message that names the argument, the value received and
-what was expected (RELIABILITY.md section 2).  Inner loops never validate.
+what was expected.  Inner loops never validate.
 """
 from __future__ import annotations
 
@@ -70,9 +70,16 @@ def check_finite_tensor(x: Tensor, name: str = "x") -> Tensor:
 
 
 def check_batch_tensor(x: Any, name: str = "x") -> Tensor:
-    """A floating tensor with a batch dimension, a dtype its device supports, and finite values:
-    the common check on a solver's or likelihood's input state."""
+    """A dense floating tensor with data (not on the ``meta`` device), a batch dimension, a
+    dtype its device supports, and finite values: the common check on a solver's or
+    likelihood's input state."""
     check_floating(x, name)
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values; pass a tensor on "
+                         "cpu or an accelerator (e.g. torch.randn(shape, device='cuda'))")
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}; "
+                         f"use {name}.to_dense()")
     if x.ndim < 1:
         raise ValueError(f"{name} must have a batch dimension (shape [B, ...]), got a 0-d tensor")
     if x.dtype == torch.float64 and x.device.type == "mps":
@@ -96,6 +103,8 @@ def _as_python_float(value: Any, name: str) -> float:
             raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
         if value.requires_grad:
             raise ValueError(f"{name} must not require grad")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds no value; pass a number")
         return float(value.detach())
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")

@@ -18,7 +18,10 @@ fully described by :math:`\alpha(t)` and :math:`\sigma(t)`: the drift coefficien
 Precision policy: schedules are evaluated in float64 (``expm1``/``log1p`` forms where
 t -> 0 would lose digits, e.g. :math:`\sigma = \sqrt{-\mathrm{expm1}(2\log\alpha)}` for the
 VP family) and returned in the caller's dtype and device.  A Python float argument gives
-a tensor of the default dtype.
+a tensor of the default dtype.  A constructor rejects parameters whose schedule float64 cannot
+hold: at ``T`` and at the default ``t_end`` the SNR :math:`\alpha^2/\sigma^2` must lie in
+``[1e-300, 1e300]`` (``VPSDE(T=1e9)`` has :math:`\alpha(T) \approx e^{-5\cdot10^{18}}`, 0 in float64), and the
+message gives the valid range of the arguments.
 """
 from __future__ import annotations
 
@@ -52,6 +55,9 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
+# a schedule is usable when its SNR alpha^2/sigma^2 stays in [1e-300, 1e300] on [t_end, T]:
+# alpha, sigma and their ratio are then normal float64 numbers with room for products
+_LOG_SNR_BOUND = 300.0 * math.log(10.0)
 
 
 def _out_dtype(t: Any) -> torch.dtype:
@@ -208,6 +214,33 @@ class LinearSDE(SDE):
         ok = torch.isfinite(step) & (slope < 0)
         return torch.where(ok, t - step, t).clamp(0.0, self.T)
 
+    # ---------------------------------------------------------------- construction
+    def _check_schedule(self) -> None:
+        r"""ValueError unless the schedule can be evaluated in float64 on ``[default_t_end, T]``:
+        ``0 < default_t_end <= T``, and at both ends the SNR :math:`\alpha^2/\sigma^2` lies in
+        ``[1e-300, 1e300]`` (so neither alpha(T) nor sigma(t_end) underflows and the
+        conversions between x0, eps and the score stay finite) with finite ``f`` and ``g2``.
+        Every constructor calls it; the message names the arguments and their valid range
+        (:meth:`_valid_range`)."""
+        name = repr(self)
+        if not 0.0 < self.default_t_end <= self.T:
+            raise ValueError(f"{name}: T={self.T:.6g} is below the default t_end={self.default_t_end:.6g} "
+                             f"where sampling stops; {self._valid_range()}")
+        for where, t in (("T", self.T), ("t_end", self.default_t_end)):
+            c = self.coefficients(torch.tensor([t], dtype=torch.float64))
+            lam = float(c["log_snr"])
+            finite = bool(torch.isfinite(c["f"]).all() and torch.isfinite(c["g2"]).all())
+            if -_LOG_SNR_BOUND <= lam <= _LOG_SNR_BOUND and finite:
+                continue
+            what = (f"alpha^2/sigma^2 = exp({lam:.4g}) at {where}={t:.6g} is outside [1e-300, 1e300] "
+                    f"({'alpha underflows' if lam < 0 else 'sigma underflows'})" if finite and lam == lam else
+                    f"its coefficients at {where}={t:.6g} are not finite (log-SNR {lam:.4g})")
+            raise ValueError(f"{name} cannot be evaluated in float64: {what}; {self._valid_range()}")
+
+    def _valid_range(self) -> str:
+        """The constructor arguments' valid range, for :meth:`_check_schedule`'s message."""
+        return "choose parameters with a moderate signal-to-noise ratio at T and t_end"
+
     # ------------------------------------------------------------ evaluation helper
     def _apply(self, hook, t: Any, name: str = "t") -> Tensor:
         t64 = self.check_time(t, name=name)
@@ -343,6 +376,17 @@ class VPSDE(_VPFamily):
             )
         self.T = check_positive_float(T, "T")
         self.default_t_end = 1e-3 * self.T
+        self._check_schedule()
+
+    def _valid_range(self) -> str:
+        # alpha^2/sigma^2 >= 1e-300 at T and <= 1e300 at t_end = T/1000, solved for T
+        bound = torch.tensor([-_LOG_SNR_BOUND, _LOG_SNR_BOUND], dtype=torch.float64)
+        t_max, t_min = self._t_of_log_snr(bound).tolist()
+        t_min *= 1e3
+        betas = f"beta_min={self.beta_min:.6g}, beta_max={self.beta_max:.6g}"
+        if not t_min < t_max:
+            return f"no T works for {betas}; beta_min and beta_max must be > 0 and moderate (e.g. 0.1 and 20)"
+        return f"T must be in [{t_min:.6g}, {t_max:.6g}] for {betas}"
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -421,6 +465,10 @@ class CosineVPSDE(_VPFamily):
         self._theta0 = 0.5 * math.pi * self.s / (1.0 + self.s)
         self._tan0 = math.tan(self._theta0)
         self._scale = 0.5 * math.pi / (1.0 + self.s)
+        self._check_schedule()
+
+    def _valid_range(self) -> str:
+        return f"T must be in [{self.default_t_end:g}, 1) and s >= 0 small (e.g. 0.008)"
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         # log(cos(theta0 + d)/cos(theta0)) = log1p(-2 sin^2(d/2) - tan(theta0) sin(d))
@@ -489,6 +537,10 @@ class DiscreteVPSDE(_VPFamily):
         self._la_knots = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * log_ac])
         self._slopes = (self._la_knots[1:] - self._la_knots[:-1]) * n
         self.alphas_cumprod = torch.exp(log_ac)
+        self._check_schedule()
+
+    def _valid_range(self) -> str:
+        return "alphas_cumprod[-1] and 1 - alphas_cumprod[0] (= betas[0]) must be >= 1e-300"
 
     @classmethod
     def _as_1d(cls, v: Any, name: str) -> Tensor:
@@ -561,6 +613,10 @@ class VESDE(LinearSDE):
         self.default_t_end = 1e-5
         self.prior_std = self.sigma_max
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+        self._check_schedule()
+
+    def _valid_range(self) -> str:
+        return "sigma_min and sigma_max must be in [1e-150, 1e150]"
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t)
@@ -597,6 +653,10 @@ class EDMSDE(LinearSDE):
         self.T = self.sigma_max
         self.default_t_end = self.sigma_min
         self.prior_std = self.sigma_max
+        self._check_schedule()
+
+    def _valid_range(self) -> str:
+        return "sigma_min and sigma_max must be in [1e-150, 1e150]"
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t)
@@ -631,6 +691,10 @@ class RectifiedFlowSDE(LinearSDE):
     def __init__(self, T: float = 0.999):
         self.T = check_float(T, "T", low=0.0, high=1.0, low_open=True, high_open=True)
         self.default_t_end = 1e-3
+        self._check_schedule()
+
+    def _valid_range(self) -> str:
+        return f"T must be in [{self.default_t_end:g}, 1)"
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         return torch.log1p(-t)

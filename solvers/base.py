@@ -31,7 +31,7 @@ from scoresde.sde import SDE, LinearSDE
 
 from . import _registry
 from .noise import NoiseSource, make_noise
-from .timesteps import TimeGrid, check_timesteps, make_grid
+from .timesteps import TimeGrid, check_timesteps, make_grid, match_t_end
 
 __all__ = [
     "Solver", "StepTable", "Solution", "StepInfo", "SolverError", "NonFiniteError", "sample",
@@ -238,8 +238,8 @@ def build_grid(solver: Solver, sde: SDE, steps: Any, timesteps: Any, schedule: A
                 raise ValueError(
                     f"pass steps or timesteps, not both (steps={steps} but timesteps has {n_int} intervals)"
                 )
-        if t_end is not None and abs(float(t_end) - float(t[-1])) > 1e-12 * max(1.0, sde.T):
-            raise ValueError(f"t_end={t_end} disagrees with timesteps[-1]={float(t[-1])}")
+        if t_end is not None:  # compared at the precision the grid was given in
+            t = match_t_end(t, t_end, timesteps, sde.T)
         if float(t[-1]) <= 0.0:
             raise ValueError("timesteps[-1] must be > 0 (the model is undefined at t = 0); "
                              "stop at a small t_end and use final_denoise=True")

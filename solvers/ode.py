@@ -89,13 +89,20 @@ class Heun(Solver):
         :math:`\Delta = \hat\sigma_{i+1}-\hat\sigma_i` and :math:`a = \alpha_{i+1}/\alpha_i` the step is
         :math:`\tilde x = a x_i + \alpha_{i+1}\Delta\,\hat\epsilon_i` and
         :math:`x_{i+1} = a x_i + \tfrac12\alpha_{i+1}\Delta(\hat\epsilon_i + \hat\epsilon(\tilde x))`:
-        three Python-float coefficients per step (float64), fused updates."""
+        three Python-float coefficients per step, fused updates.  They are computed in float64
+        from logs, :math:`a = e^{\log\alpha_{i+1}-\log\alpha_i}` and
+        :math:`\alpha_{i+1}\Delta = -\sigma_{i+1}\,\mathrm{expm1}(h_i)` (:math:`h_i` the step in
+        :math:`\log(\alpha/\sigma)`), so neither :math:`\hat\sigma` (up to 1e150) nor the
+        difference of two close :math:`\hat\sigma` is ever formed; :func:`_check_heun_steps` then
+        rejects a grid whose steps the state's dtype cannot carry."""
         tab = super().prepare(sde, grid, like)
-        s_hat = tab.sigma64 / tab.alpha64
-        delta = s_hat[1:] - s_hat[:-1]
-        tab.scale_f = (tab.alpha64[1:] / tab.alpha64[:-1]).tolist()
-        tab.euler_f = (tab.alpha64[1:] * delta).tolist()
-        tab.half_f = (0.5 * tab.alpha64[1:] * delta).tolist()
+        log_alpha = torch.log(tab.alpha64)
+        scale = torch.exp(log_alpha[1:] - log_alpha[:-1])
+        euler = -tab.sigma64[1:] * torch.expm1(tab.h64)
+        _check_heun_steps(scale, grid, like.dtype, self.last_step_euler)
+        tab.scale_f = scale.tolist()
+        tab.euler_f = euler.tolist()
+        tab.half_f = (0.5 * euler).tolist()
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
@@ -106,6 +113,43 @@ class Heun(Solver):
             eps2 = model.evaluate(x_next, tab.t64[i + 1]).eps
             x_next = ax.add_(eps, alpha=tab.half_f[i]).add_(eps2, alpha=tab.half_f[i])
         return x_next, state
+
+
+def _step_amplification(scale: Tensor, dtype: torch.dtype, last_step_euler: bool) -> Tensor:
+    r"""How much a Heun step magnifies the rounding of the state, relative to the state's size.
+
+    The step forms :math:`a x_i + \alpha_{i+1}\Delta\hat\epsilon` with both terms of size
+    :math:`a = \alpha_{i+1}/\alpha_i` times the result, so the state's rounding (eps of its
+    dtype) comes out multiplied by ``a``; the corrector evaluates the network at the predictor's
+    state and multiplies that error by ``a`` again: ``a eps`` for an Euler step, ``a^2 eps``
+    for a corrected one."""
+    eps = torch.finfo(dtype).eps
+    amp = scale * scale * eps
+    if last_step_euler and amp.numel():
+        amp[-1] = scale[-1] * eps
+    return amp
+
+
+def _check_heun_steps(scale: Tensor, grid: TimeGrid, dtype: torch.dtype, last_step_euler: bool) -> None:
+    """ValueError, before any network call, if a step of the grid would return rounding noise in
+    ``dtype`` (its rounding amplified to the size of the state or beyond, or a coefficient that
+    overflows the dtype).  This happens where alpha changes by many orders of magnitude within a
+    step: a large T of a VP process (alpha(T) ~ 1e-54 at VPSDE(T=5)) on the default Karras grid,
+    whose last step jumps from alpha ~ 1e-47 to ~1."""
+    amp = _step_amplification(scale, dtype, last_step_euler)
+    bad = torch.nonzero(~(amp < 1.0) | ~(scale <= torch.finfo(dtype).max)).flatten()
+    if not bad.numel():
+        return
+    i = int(bad[0])
+    t = grid.t.tolist()
+    ok64 = bool((_step_amplification(scale, torch.float64, last_step_euler) < 1.0).all())
+    raise ValueError(
+        f"heun cannot take the step from t={t[i]:.6g} to t={t[i + 1]:.6g} in {dtype}: it scales the state "
+        f"by alpha(t_next)/alpha(t) = {float(scale[i]):.3g}, which magnifies its rounding (eps "
+        f"{torch.finfo(dtype).eps:.2g}) to {float(amp[i]):.3g} times its size, so the sample would be noise; "
+        + ("pass x_T in float64, or " if ok64 and dtype != torch.float64 else "")
+        + "use more steps or schedule='log_snr', or a smaller T / t_start (where alpha is not tiny)"
+    )
 
 
 @register("ddim")
@@ -150,7 +194,7 @@ class DDIM(Solver):
 
 
 def check_tolerances(rtol: Any, atol: Any, dtype: torch.dtype) -> tuple[float, float, list[str]]:
-    """Validate rtol/atol (RELIABILITY rows 21-23): negative -> ValueError, a tensor requiring
+    """Validate rtol/atol: negative -> ValueError, a tensor requiring
     grad -> ValueError, below 100 eps of the state dtype -> warning and clamp."""
     notes = []
     vals = []

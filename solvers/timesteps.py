@@ -24,7 +24,7 @@ from torch import Tensor
 from scoresde._checks import check_float, check_int
 from scoresde.sde import SDE, LinearSDE
 
-__all__ = ["SCHEDULES", "TimeGrid", "make_grid", "check_timesteps"]
+__all__ = ["SCHEDULES", "TimeGrid", "make_grid", "check_timesteps", "match_t_end", "given_eps"]
 
 SCHEDULES = ("uniform", "log_snr", "quadratic", "karras")
 
@@ -56,6 +56,8 @@ def check_timesteps(timesteps: Any, sde: SDE) -> Tensor:
     if isinstance(timesteps, Tensor):
         if timesteps.is_complex():
             raise TypeError("timesteps must be real")
+        if timesteps.device.type == "meta":
+            raise ValueError("timesteps is on the meta device, which holds no values; pass a CPU tensor or a list")
         t = timesteps.detach().to(device="cpu", dtype=torch.float64)
     elif isinstance(timesteps, (list, tuple)):
         try:
@@ -86,11 +88,39 @@ def check_timesteps(timesteps: Any, sde: SDE) -> Tensor:
             f"timesteps must be strictly decreasing (T -> t_end); timesteps[{i}]={float(t[i]):.6g} >= "
             f"timesteps[{i - 1}]={float(t[i - 1]):.6g}"
         )
-    if float(t[0]) > sde.T * (1 + 1e-12) or float(t[-1]) < 0:
+    # a grid given in float32 (or lower) holds T only to its own rounding
+    if float(t[0]) > sde.T * (1 + max(1e-12, 2.0 * given_eps(timesteps))) or float(t[-1]) < 0:
         raise ValueError(
             f"timesteps must lie in [0, T]=[0, {sde.T:.6g}] of {type(sde).__name__}; got [{float(t[-1]):.6g}, {float(t[0]):.6g}]"
         )
     return t.clamp(0.0, sde.T)
+
+
+def given_eps(value: Any) -> float:
+    """Machine epsilon of the precision a time argument was given in: its dtype's for a
+    floating tensor, float64's for Python numbers and lists."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return torch.finfo(value.dtype).eps
+    return torch.finfo(torch.float64).eps
+
+
+def match_t_end(t: Tensor, t_end: Any, timesteps: Any, T: float) -> Tensor:
+    """The checked float64 grid ``t`` with its last point set to ``t_end`` when the two agree
+    at the precision the grid (or ``t_end``) was given in: a float32 grid holds
+    ``t_end = 1e-3`` only as 1.00000005e-3.  ValueError when they differ by more than
+    2 eps of that precision relative to ``t_end`` (or 1e-12 max(1, T), the float64 tolerance)."""
+    t_end_f = check_float(t_end, "t_end")
+    eps = max(given_eps(timesteps), given_eps(t_end))
+    last = float(t[-1])
+    if abs(t_end_f - last) > max(1e-12 * max(1.0, T), 2.0 * eps * abs(t_end_f)):
+        raise ValueError(f"t_end={t_end_f} disagrees with timesteps[-1]={last} "
+                         "(pass one of them, or equal values)")
+    if t_end_f != last:
+        if t.numel() > 1 and t_end_f >= float(t[-2]):
+            raise ValueError(f"t_end={t_end_f} is not below timesteps[-2]={float(t[-2])}")
+        t = t.clone()
+        t[-1] = t_end_f
+    return t
 
 
 def _need_linear(sde: SDE, schedule: str) -> LinearSDE:
