@@ -68,7 +68,24 @@ from the backward pass of that same forward, so they are not NFE (``stats["produ
 counts them; ``stats["evaluations"]`` counts right-hand-side evaluations).  With
 ``products="jvp"`` the vmapped function -- and so the network, once, on a batch expanded by
 the chunk of tangents -- runs once per chunk of basis vectors (once in all for Hutchinson):
-one NFE per chunk, although each such call costs about ``chunk`` forward passes.
+one NFE per chunk, although each such call costs about ``chunk`` forward passes; plus, once
+per call, one reverse-mode network call on one sample (the differentiability check below).
+
+**Differentiability.**  The divergence needs :math:`\partial\,\text{net}/\partial x`.  A
+network that breaks its autograd graph -- ``.detach()``, ``torch.no_grad()``,
+``torch.inference_mode()``, a numpy round trip, an integer cast, features computed on a
+detached copy of x -- would lose that term silently: the drift keeps its :math:`f(t)\,x` part and
+its parametrisation's dependence on x, so the products exist and the result is finite but
+wrong (measured: -12.14 nats for an exact -1.29 on a 2-d Gaussian under VP).  So the first
+evaluation of a call checks that autograd reaches x from the network's raw output (the
+``vjp`` mode on that evaluation's own forward pass, one extra backward; the ``jvp`` mode by a
+reverse-mode call on one sample, whatever forward mode would have made of it), every later
+``vjp`` evaluation checks that the output still requires grad, and a missing product is never
+counted as zero: each raises ``ValueError`` naming the cause.  The check is structural: an
+output that is constant in x (built without x, e.g. ``torch.zeros_like(x)``) has no path either
+and is refused the same way, although its Jacobian is genuinely zero -- autograd cannot tell it
+from a detached one; written ``0 * x + c`` it is accepted and exact.  A network that mixes a
+detached branch with a differentiable one has a path and is not detected.
 
 **Memory.**  Nothing of the graph survives an evaluation: the state is detached before the
 local ``enable_grad``, the network's parameters are never differentiated (only the state is),
@@ -244,6 +261,31 @@ def _draw_probes(shape: torch.Size, k: int, noise: str, generator: Any, dtype: t
 
 
 # ------------------------------------------------------------------ the solve
+class _RecordingModel(CheckedModel):
+    """The solver's view of the model, keeping the raw network output of a call while
+    ``record`` is set (for the differentiability check)."""
+
+    record = False
+    raw: Tensor | None = None
+
+    def evaluate(self, x: Tensor, t64: Tensor):
+        d = super().evaluate(x, t64)
+        if self.record:
+            self.raw = d.raw
+        return d
+
+
+def _not_differentiable(t64: Tensor, why: str) -> ValueError:
+    return ValueError(
+        f"log_likelihood: the network's output is not differentiable with respect to x ({why}, "
+        f"t={float(t64):.6g}), so the divergence of the probability-flow drift cannot be computed. "
+        "The network must be built from torch operations with autograd enabled for its input: no "
+        ".detach(), torch.no_grad() or torch.inference_mode() inside it, no round trip through numpy, "
+        "no integer cast, no features computed on a detached copy of x. (An output that is constant "
+        "in x is refused too, autograd cannot tell it from a detached one: write it as 0 * x + c.)"
+    )
+
+
 class _NonFinite(Exception):
     def __init__(self, samples: list[int], message: str):
         super().__init__(message)
@@ -285,8 +327,20 @@ class _Problem:
         self.t_span = torch.tensor([t_end, self.T], dtype=self.tdtype, device=device)
         self.grid = torch.linspace(t_end, self.T, steps + 1, dtype=self.tdtype, device=device) if self.fixed else None
         self.evaluations = 0       # over every solve of the call, failed ones included
+        self.graph_checked = False  # the network's output was seen to depend on x
 
     # -- divergence ------------------------------------------------------------
+    def _check_graph(self, ev: _RecordingModel, yg: Tensor, t64: Tensor) -> None:
+        """Raise unless the network output just recorded by ``ev`` depends on ``yg`` through
+        autograd (one backward pass of that output, once per call)."""
+        raw, ev.raw, ev.record = ev.raw, None, False
+        if not raw.requires_grad:
+            raise _not_differentiable(t64, "the network output does not require grad")
+        (g,) = torch.autograd.grad(raw, yg, torch.ones_like(raw), retain_graph=True, allow_unused=True)
+        if g is None:
+            raise _not_differentiable(t64, "autograd finds no path from x to the network output")
+        self.graph_checked = True
+
     def _basis(self, i: int, j: int, like: Tensor) -> Tensor:
         """Basis vectors e_i .. e_{j-1}, shaped ``[j - i, B, *like.shape[1:]]`` (stride 0 over B)."""
         d = like[0].numel()
@@ -295,24 +349,29 @@ class _Problem:
         e[r, r + i] = 1.0
         return e.reshape(j - i, 1, *like.shape[1:]).expand(j - i, *like.shape)
 
-    def _vjp(self, drift, y: Tensor, t64: Tensor, V: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _vjp(self, drift, ev: _RecordingModel, y: Tensor, t64: Tensor, V: Tensor | None) -> tuple[Tensor, Tensor]:
         b = y.shape[0]
         with torch.enable_grad():
             yg = y.detach().requires_grad_(True)
+            ev.record = True
             v = drift(yg, t64)
-            if not v.requires_grad:          # a drift that does not depend on x: zero divergence
-                k = 1 if V is None else V.shape[0]
-                div = y.new_zeros(b) if V is None else y.new_zeros(b, k)
-                return v.detach(), div
+            if not self.graph_checked:       # on the first evaluation's own forward pass
+                self._check_graph(ev, yg, t64)
+            else:                            # later: the O(1) part of the check
+                raw, ev.raw, ev.record = ev.raw, None, False
+                if not raw.requires_grad:
+                    raise _not_differentiable(t64, "the network output does not require grad")
 
             def products(cot: Tensor, retain: bool) -> Tensor:   # cot [c, B, ...] -> [c, B, ...]
                 if cot.shape[0] == 1:
                     (g,) = torch.autograd.grad(v, yg, cot[0], retain_graph=retain, allow_unused=True)
-                    g = torch.zeros_like(y) if g is None else g
-                    return g.unsqueeze(0)
-                (g,) = torch.autograd.grad(v, yg, cot, retain_graph=retain, is_grads_batched=True,
-                                           allow_unused=True)
-                return torch.zeros_like(cot) if g is None else g
+                    g = None if g is None else g.unsqueeze(0)
+                else:
+                    (g,) = torch.autograd.grad(v, yg, cot, retain_graph=retain, is_grads_batched=True,
+                                               allow_unused=True)
+                if g is None:                # no path from x to the drift: never counted as zero
+                    raise _not_differentiable(t64, "autograd finds no path from x to the drift")
+                return g
 
             if V is not None:                # Hutchinson: eps^T J eps per probe -> [B, k]
                 g = products(V, False)
@@ -326,8 +385,14 @@ class _Problem:
                     div = div + torch.diagonal(g.reshape(j - i, b, d)[:, :, i:j], dim1=0, dim2=2).sum(-1)
         return v.detach(), div.detach()
 
-    def _jvp(self, drift, y: Tensor, t64: Tensor, V: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _jvp(self, drift, ev: _RecordingModel, y: Tensor, t64: Tensor, V: Tensor | None) -> tuple[Tensor, Tensor]:
         b = y.shape[0]
+        if not self.graph_checked:           # one reverse-mode call on one sample, before any vmap
+            with torch.enable_grad():
+                y1 = y[:1].detach().requires_grad_(True)
+                ev.record = True
+                ev.evaluate(y1, t64)
+                self._check_graph(ev, y1, t64)
         f = lambda u: drift(u, t64)  # noqa: E731
         mapped = torch.func.vmap(lambda w: torch.func.jvp(f, (y,), (w,)), out_dims=(None, 0))
         if V is not None:
@@ -349,7 +414,7 @@ class _Problem:
 
         # finiteness is checked here, on the drift and its divergence, for every mode (a check
         # inside the network call would be data-dependent control flow under vmap)
-        ev = CheckedModel(self.model, None, check_finite=False)
+        ev = _RecordingModel(self.model, None, check_finite=False)
         drift = pf_ode_drift(self.model, ev, x)
         div_fn = self._vjp if self.products == "vjp" else self._jvp
         t_lo, t_hi = self.t_end, self.T
@@ -363,7 +428,7 @@ class _Problem:
             count["evals"] += 1
             self.evaluations += 1
             t64 = t.detach().to(torch.float64).clamp(t_lo, t_hi)   # never outside [t_end, T]
-            v, div = div_fn(drift, y, t64, V)
+            v, div = div_fn(drift, ev, y, t64, V)
             ok = torch.isfinite(v).reshape(b, -1).all(1) & torch.isfinite(div).reshape(b, -1).all(1)
             if not bool(ok.all()):
                 idx = torch.nonzero(~ok).flatten().tolist()
@@ -462,6 +527,8 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
     ``nfe == 0``.
 
     **Raises:** ``TypeError``/``ValueError`` for bad input, before any network call;
+    ``ValueError`` at the first network call if the network's output is not differentiable in x
+    through autograd (module docstring, *Differentiability*);
     :class:`SolverError` for a failed solve (``on_failure="raise"``).
     """
     model = _check_model(model)

@@ -374,6 +374,7 @@ class AdaptiveSDE(Solver):
             return_trajectory: bool = False, callback=None, final_denoise: bool = False,
             nonfinite: str = "raise") -> Solution:
         nfe0 = model.nfe
+        x_T = x_T.detach()                 # the result never carries x_T's autograd history
         B = x_T.shape[0]
         stats: dict = {"solver": self.name, "status": "success"}
         if return_trajectory:

@@ -272,11 +272,12 @@ def test_products_jvp_equals_vjp_and_nfe_accounting():
     jvp = log_likelihood(model, x, products="jvp", chunk_size=2, **grid)
     torch.testing.assert_close(jvp.log_prob, ref.log_prob, rtol=0, atol=1e-10)
     assert ref.nfe == ref.stats["evaluations"] == 12
-    assert jvp.nfe == 3 * jvp.stats["evaluations"] == 36              # one (vmapped) net call per chunk
+    # one (vmapped) net call per chunk, and one reverse-mode call on one sample checking the graph
+    assert jvp.nfe == 3 * jvp.stats["evaluations"] + 1 == 37
     hv, hj = (log_likelihood(model, x, "hutchinson", probes=3, products=p, generator=torch.Generator().manual_seed(4),
                              **grid) for p in ("vjp", "jvp"))
     torch.testing.assert_close(hj.log_prob, hv.log_prob, rtol=0, atol=1e-10)
-    assert hv.nfe == hj.nfe == 12                                      # all probes in one pass
+    assert hv.nfe == hj.nfe - 1 == 12                                  # all probes in one pass
 
 
 def test_chunked_exact_trace_matches_unchunked():

@@ -294,13 +294,24 @@ def test_net_output_dtype_is_cast():
     assert sol.x.dtype == F64 and torch.allclose(sol.x, ref.x, rtol=1e-5, atol=1e-5)
 
 
-def test_x_T_requiring_grad():
-    """RELIABILITY row 37: sample runs under no_grad; nothing leaks a graph."""
+@pytest.mark.parametrize("method", ALL)
+def test_x_T_requiring_grad(method):
+    """RELIABILITY row 37: every method returns a detached result (no autograd history from
+    x_T, on the full path and on the trivial ones) and leaves x_T as it was."""
     model, _, x = problem()
     xg = x.clone().requires_grad_(True)
-    sol = solvers.sample(model, xg, "dpmpp_2m", 5, return_trajectory=True)
-    assert not sol.x.requires_grad and not sol.trajectory.requires_grad
-    assert torch.equal(sol.x, solvers.sample(model, x, "dpmpp_2m", 5).x)
+    traj = method in TRAJ
+    calls = [(xg, {}), (xg, {"t_start": 0.4, "t_end": 0.4}), (xg[:0], {})]
+    for xin, kw in calls:
+        g = gen(3) if xin.shape[0] else []
+        sol = solvers.sample(model, xin, method, 5, generator=g, return_trajectory=traj, **kw)
+        assert not sol.x.requires_grad and sol.x.grad_fn is None, kw
+        if traj:
+            assert not sol.trajectory.requires_grad, kw
+        assert torch.equal(xg.detach(), x) and xg.requires_grad and xg.grad is None
+    assert torch.equal(sol.x, solvers.sample(model, x[:0], method, 5, generator=[]).x)
+    full = solvers.sample(model, xg, method, 5, generator=gen(3)).x
+    assert torch.equal(full, solvers.sample(model, x, method, 5, generator=gen(3)).x)
 
 
 def test_method_as_instance_or_class():
