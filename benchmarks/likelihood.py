@@ -53,12 +53,10 @@ Run:  python benchmarks/likelihood.py [--n 512] [--repeats 5] [--solves 16] [--p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -134,48 +132,14 @@ def score_sde_likelihood(eps_net, sde, x: torch.Tensor, t_end: float, rtol: floa
 
 # ----------------------------------------------------------------------------- (b) k-diffusion
 def load_k_diffusion_sampling():
-    """k_diffusion.sampling without running k_diffusion/__init__.py (which imports torchvision,
-    PIL, safetensors, ...).  Its only use of ``k_diffusion.utils`` is ``append_dims``; when the
-    real utils module cannot be imported, a stub with the same 3-line function stands in."""
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = Path(next(iter(spec.submodule_search_locations)))
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = [str(root)]
-    saved = {name: sys.modules.get(name) for name in ("k_diffusion", "k_diffusion.utils")}
-    sys.modules["k_diffusion"] = pkg
+    """k_diffusion.sampling without running k_diffusion/__init__.py (which imports torchvision):
+    the package's shared loader; None (with the reason printed) when it cannot be loaded."""
+    from scoresde.integrations.kdiffusion import load_sampling
     try:
-        try:
-            uspec = importlib.util.spec_from_file_location("k_diffusion.utils", root / "utils.py")
-            utils = importlib.util.module_from_spec(uspec)
-            sys.modules["k_diffusion.utils"] = utils
-            uspec.loader.exec_module(utils)
-        except ImportError:
-            utils = types.ModuleType("k_diffusion.utils")
-
-            def append_dims(x, target_dims):             # k_diffusion.utils.append_dims, verbatim logic
-                dims_to_append = target_dims - x.ndim
-                if dims_to_append < 0:
-                    raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
-                return x[(...,) + (None,) * dims_to_append]
-
-            utils.append_dims = append_dims
-            sys.modules["k_diffusion.utils"] = utils
-        pkg.utils = utils
-        sspec = importlib.util.spec_from_file_location("k_diffusion.sampling", root / "sampling.py")
-        sampling = importlib.util.module_from_spec(sspec)
-        sspec.loader.exec_module(sampling)
-        return sampling
+        return load_sampling()
     except ImportError as err:
-        print(f"k-diffusion found but its sampling module did not load: {err}")
+        print(f"k-diffusion is unavailable: {err}")
         return None
-    finally:
-        for name, mod in saved.items():
-            if mod is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = mod
 
 
 # ----------------------------------------------------------------------------- timing

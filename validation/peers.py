@@ -33,15 +33,11 @@ that its grids are float64 like its state.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-import sys
 import time
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -200,39 +196,11 @@ def _diffusers_runner(cls_name: str, kwargs: dict, sigma_state: bool, check_kwar
 
 
 # ---------------------------------------------------------------------- k-diffusion
-_KD = None
-
-
 def load_kdiffusion():
-    """k-diffusion's sampling module alone (its package __init__ imports torchvision): a stub
-    package with the one ``utils`` function the module uses."""
-    global _KD
-    if _KD is not None:
-        return _KD
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or spec.origin is None:
-        raise ImportError("k-diffusion is not installed")
-    path = Path(spec.origin).parent / "sampling.py"
-    pkg = types.ModuleType("_kdiffusion_stub")
-    pkg.__path__ = []
-    utils = types.ModuleType("_kdiffusion_stub.utils")
-
-    def append_dims(x, target_dims):
-        n = target_dims - x.ndim
-        if n < 0:
-            raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}")
-        return x[(...,) + (None,) * n]
-
-    utils.append_dims = append_dims
-    pkg.utils = utils
-    sys.modules["_kdiffusion_stub"] = pkg
-    sys.modules["_kdiffusion_stub.utils"] = utils
-    mspec = importlib.util.spec_from_file_location("_kdiffusion_stub.sampling", path)
-    mod = importlib.util.module_from_spec(mspec)
-    sys.modules["_kdiffusion_stub.sampling"] = mod
-    mspec.loader.exec_module(mod)
-    _KD = mod
-    return mod
+    """k-diffusion's sampling module, loaded without its package ``__init__`` (which imports
+    torchvision): :func:`scoresde.integrations.kdiffusion.load_sampling`."""
+    from scoresde.integrations.kdiffusion import load_sampling
+    return load_sampling()
 
 
 def kd_sigma_range() -> tuple[float, float]:
