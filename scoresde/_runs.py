@@ -14,11 +14,15 @@ r"""Machinery for long, sharded, resumable runs (RELIABILITY.md section 3b).
 - **Shard checks**: a finished block counts only if its file loads and has the expected
   indices, count, shape and finite values (or recorded statuses); see :func:`check_npz_shard`
   and :func:`check_jsonl_shard`.
+- **One writer per run directory**: :class:`RunDirLock` holds an OS advisory lock
+  (``flock``) on a file in the directory for the whole run; the kernel drops it when the
+  process dies, even by SIGKILL, so a lock file left behind never blocks.
 
 This module never imports ``solvers`` or ``torch.distributed`` at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,8 +34,14 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from typing import Any, Iterable, Sequence
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): runs go on without the one-writer guarantee
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 
@@ -39,7 +49,7 @@ __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir", "clean_stale_tmp",
     "npz_bytes", "unit_seed", "make_blocks", "shard_name", "parse_shard_name", "config_hash",
     "config_diff", "sha256_file", "provenance", "check_npz_shard", "check_jsonl_shard",
-    "quarantine", "preflight_dir", "RunError",
+    "quarantine", "preflight_dir", "RunError", "RunDirLock", "is_lock_file",
 ]
 
 _TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
@@ -69,7 +79,8 @@ def fsync_dir(path: str) -> None:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, replace,
-    fsync the folder).  On any error the temp file is removed and the old file kept."""
+    fsync the folder).  On any error the temp file is removed and the old file kept; an
+    OSError (disk full, file size limit) names ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -79,11 +90,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError) and err.errno is not None and err.filename != path:
+            raise type(err)(err.errno, err.strerror, path) from err
         raise
     fsync_dir(folder)
 
@@ -289,6 +302,185 @@ def check_jsonl_shard(path: str, first: int, last: int) -> str | None:
     return None
 
 
+# ------------------------------------------------------------ one writer per directory
+LOCK_FILE = ".scoresde.lock"
+_SETUP_LOCK = ".scoresde-setup.lock"
+_SHARD_LOCK_RE = re.compile(r"^\.scoresde-shard-(\d+)-of-(\d+)\.lock$")
+_warned_unlocked = False
+
+
+def is_lock_file(name: str) -> bool:
+    """Whether ``name`` is one of the lock files :class:`RunDirLock` keeps in a run directory."""
+    return name.startswith(".scoresde") and name.endswith(".lock")
+
+
+def _shard_lock_name(index: int, count: int) -> str:
+    return f".scoresde-shard-{index}-of-{count}.lock"
+
+
+def _unlocked(reason: str) -> None:
+    global _warned_unlocked
+    if not _warned_unlocked:
+        _warned_unlocked = True
+        warnings.warn(f"run directories are not protected against a second writer here ({reason}); "
+                      "do not start two runs on one --out", RuntimeWarning, stacklevel=3)
+
+
+class _FileLock:
+    """``flock`` on one file (exclusive, or shared), without waiting or waiting ``wait_s``.
+
+    Locks belong to the open file, so a second open of the same file conflicts even in the
+    same process, and the kernel drops the lock when the process exits or is killed."""
+
+    def __init__(self, path: str, shared: bool = False):
+        self.path, self.shared, self.fd = path, shared, None
+
+    def acquire(self, wait_s: float = 0.0) -> bool:
+        """True once held; False if another holder keeps it for ``wait_s`` seconds.  Where the
+        file system has no locks, warns once and returns True (unprotected)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        mode = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.05)
+            except OSError as err:       # ENOLCK, EOPNOTSUPP: a file system without locks
+                os.close(fd)
+                _unlocked(f"{self.path}: {err.strerror or err}")
+                return True
+        self.fd = fd
+        if not self.shared:              # the refusal of a second writer names this pid
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return True
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if not self.shared:
+                os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _held_by(path: str) -> int | None:
+    """``-1`` if nobody holds ``path`` exclusively, else the pid its holder recorded in it
+    (``None`` if unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return -1
+    try:                                 # a shared probe conflicts only with an exclusive holder
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return -1
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    try:
+        with open(path, "r", encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _describe_holders(folder: str) -> str:
+    shards = []
+    for name in sorted(os.listdir(folder)):
+        m = _SHARD_LOCK_RE.match(name)
+        if m:
+            pid = _held_by(os.path.join(folder, name))
+            if pid != -1:
+                shards.append(f"shard {m.group(1)}/{m.group(2)} ({_pid_text(pid)})")
+    if shards:
+        return "simulated " + ", ".join(shards)
+    return _pid_text(_held_by(os.path.join(folder, LOCK_FILE)))
+
+
+def _pid_text(pid: int | None) -> str:
+    return f"pid {pid}" if pid not in (None, -1) else "pid unknown"
+
+
+class RunDirLock:
+    """The writer's claim on a run directory, held for the whole run.
+
+    A whole run (one process, or rank 0 of a ``torchrun`` job, whose other ranks only write
+    the shards of the blocks they own) holds ``.scoresde.lock`` exclusively.  A simulated
+    shard ``--shard i/S`` (``shard=(i, S)``) holds it *shared*, so the shards of one run may
+    run side by side while a whole-run writer is refused, and holds
+    ``.scoresde-shard-i-of-S.lock`` exclusively, so one shard never runs twice.
+    :meth:`section` is a short exclusive section, waited for, in which simulated shards create
+    or check ``run.json`` one at a time and merge.
+
+    A refused writer gets a :class:`RunError` naming the directory and the holder's pid.  The
+    lock files stay in the directory; an unheld one (its writer died) blocks nothing.  Without
+    ``fcntl`` (Windows) or on a file system without locks: a RuntimeWarning, and no lock."""
+
+    def __init__(self, folder: str | os.PathLike, shard: tuple[int, int] | None = None):
+        self.folder = os.path.abspath(os.fspath(folder))
+        self.shard = shard
+        self._held: list[_FileLock] = []
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def acquire(self) -> "RunDirLock":
+        if fcntl is None:
+            _unlocked("no fcntl module on this platform")
+            return self
+        main = _FileLock(self._path(LOCK_FILE), shared=self.shard is not None)
+        if not main.acquire():
+            raise RunError(f"output directory {self.folder} is in use by another writer "
+                           f"({_describe_holders(self.folder)}); two writers would mix their results. Wait "
+                           "for it to finish (or stop it) and run again with --resume, or choose another --out")
+        self._held.append(main)
+        if self.shard is not None:
+            own = _FileLock(self._path(_shard_lock_name(*self.shard)))
+            if not own.acquire():
+                pid = _held_by(own.path)
+                self.release()
+                raise RunError(f"shard {self.shard[0]}/{self.shard[1]} of the run in {self.folder} is already "
+                               f"running ({_pid_text(pid)}); run each shard once")
+            self._held.append(own)
+        return self
+
+    @contextlib.contextmanager
+    def section(self, wait_s: float):
+        """Exclusive among the simulated shards of this directory (no-op for a whole run,
+        which already holds the directory alone); waits up to ``wait_s`` seconds."""
+        if self.shard is None or fcntl is None:
+            yield
+            return
+        lock = _FileLock(self._path(_SETUP_LOCK))
+        if not lock.acquire(wait_s):
+            raise RunError(f"waited {wait_s:g} s for another shard in {self.folder} "
+                           f"({_pid_text(_held_by(lock.path))}) to finish setting up or merging; see --dist-timeout")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def release(self) -> None:
+        while self._held:
+            self._held.pop().release()
+
+    def __enter__(self) -> "RunDirLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 # ------------------------------------------------------------------- pre-flight
 def preflight_dir(folder: str, need_bytes: int = 0) -> None:
     """Create ``folder`` if needed and prove it writable (create, fsync and delete a file)
@@ -311,7 +503,7 @@ def preflight_dir(folder: str, need_bytes: int = 0) -> None:
 
 
 def existing_files(folder: str) -> list[str]:
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return sorted(n for n in os.listdir(folder) if not is_lock_file(n)) if os.path.isdir(folder) else []
 
 
 def remove_run_files(folder: str, names: Iterable[str]) -> None:

@@ -15,8 +15,13 @@ A checkpoint is one torch file holding only ``weights_only``-safe values::
 - a truncated, corrupt or non-torch file: ``ValueError`` naming the path, its size and sha256;
 - a pickle that would run code: ``torch.load(weights_only=True)`` refuses its globals before
   anything is called (``ValueError``);
+- a config value out of bounds (a size, the depth, the channels, the data shape, a
+  non-finite number): :class:`CheckpointError` naming the key, before anything is built;
 - a state dict whose keys or shapes do not match the config's network: ``ValueError`` listing
-  the missing and unexpected keys (strict loading).
+  the missing and unexpected keys (strict loading).  The comparison uses the network built
+  on the ``meta`` device (shapes only, no memory), so a config that lies about the network's
+  size costs nothing; the real network is built only once the shapes agree;
+- an SDE config that cannot be sampled (e.g. ``alpha(t_end) = 0``): :class:`CheckpointError`.
 
 Network and SDE classes are rebuilt only from the known registries (:data:`scoresde.nets.NETS`,
 :data:`SDE_CLASSES`): a checkpoint never names code to import.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import warnings
@@ -38,8 +44,8 @@ from ._runs import atomic_write_bytes, sha256_file
 from .model import Prediction, ScoreModel
 from .nets import build_net
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "sde_from_config", "SDE_CLASSES",
-           "FORMAT", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "sde_from_config", "check_config",
+           "SDE_CLASSES", "NET_LIMITS", "FORMAT", "CheckpointError"]
 
 FORMAT = "scoresde-checkpoint"
 
@@ -62,8 +68,99 @@ def sde_from_config(config: dict) -> _sde.LinearSDE:
     kwargs = {k: v for k, v in config.items() if k != "class"}
     try:
         return SDE_CLASSES[config["class"]](**kwargs)
-    except TypeError as err:
+    except (TypeError, ArithmeticError) as err:
         raise ValueError(f"bad arguments for {config['class']}: {err}") from err
+
+
+def _check_sde_usable(sde: _sde.SDE) -> None:
+    """ValueError unless the sampling interval ``[default_t_end, T]`` has finite, positive
+    ``sigma`` and ``alpha(t_end) > 0`` (e.g. VPSDE(T=1e9) has alpha(t_end) = 0: pure noise)."""
+    t_end, T = float(sde.default_t_end), float(sde.T)
+    if not (math.isfinite(t_end) and math.isfinite(T) and 0 <= t_end < T):
+        raise ValueError(f"its time interval [t_end={t_end:g}, T={T:g}] is not a finite interval")
+    if isinstance(sde, _sde.LinearSDE):
+        alpha, sigma_end, sigma_T = (float(v) for v in (sde.alpha(t_end), sde.sigma(t_end), sde.sigma(T)))
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha(t_end={t_end:g}) = {alpha:g}: the data end of the interval is pure noise")
+        if not all(math.isfinite(v) and v > 0 for v in (sigma_end, sigma_T)):
+            raise ValueError(f"sigma is not finite and positive on [t_end, T] (sigma(t_end) = {sigma_end:g}, "
+                             f"sigma(T) = {sigma_T:g})")
+    prior = float(sde.prior_std)
+    if not (math.isfinite(prior) and prior > 0):
+        raise ValueError(f"prior_std = {prior:g} is not finite and positive")
+
+
+#: Bounds on the sizes a checkpoint's network config may ask for: far above any network this
+#: package trains, low enough that building the network on the meta device is instant.
+NET_LIMITS = {"dim": 1 << 24, "hidden": 1 << 16, "depth": 1024, "emb_dim": 1 << 16, "in_channels": 1 << 12,
+              "channels": 1 << 14, "num_res_blocks": 64, "groups": 1 << 12}
+_MAX_LEVELS, _MAX_MULT = 16, 64
+#: Largest data shape (elements per sample) a config may record.
+MAX_SAMPLE_NUMEL = 1 << 26
+
+
+def _bad(path: str, key: str, value: Any, expected: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path}: config value {key}={value!r} is out of bounds (expected {expected})")
+
+
+def _check_int(path: str, key: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad(path, key, value, f"an integer in [{low}, {high}]")
+
+
+def _check_number(path: str, key: str, value: Any, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        raise _bad(path, key, value, "a finite positive number" if positive else "a finite number")
+
+
+def check_config(config: dict, path: str = "<config>") -> None:
+    """Bounds on every config value that sizes an allocation or enters the arithmetic (net
+    sizes and depth, channel multipliers, data shape, sigma_data, SDE numbers), before
+    anything is built; :class:`CheckpointError` naming the key."""
+    net = config.get("net")
+    if not isinstance(net, dict):
+        raise CheckpointError(f"checkpoint {path}: config has no net section (got {net!r})")
+    for key, high in NET_LIMITS.items():
+        if key in net:
+            _check_int(path, f"net.{key}", net[key], 1, high)
+    if "channel_mults" in net:
+        mults = net["channel_mults"]
+        if not isinstance(mults, list) or not 1 <= len(mults) <= _MAX_LEVELS:
+            raise _bad(path, "net.channel_mults", mults, f"a list of 1 to {_MAX_LEVELS} integers")
+        for i, m in enumerate(mults):
+            _check_int(path, f"net.channel_mults[{i}]", m, 1, _MAX_MULT)
+    for key in ("time_scale", "dropout"):
+        if key in net and net[key] is not None:
+            _check_number(path, f"net.{key}", net[key])
+    if "seed" in net:
+        _check_int(path, "net.seed", net["seed"], 0, (1 << 63) - 1)
+    shape = (config.get("data") or {}).get("shape") if isinstance(config.get("data"), dict) else None
+    if shape is not None:
+        if not isinstance(shape, list) or not 1 <= len(shape) <= 4:
+            raise _bad(path, "data.shape", shape, "a list of 1 to 4 sizes")
+        for v in shape:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _bad(path, "data.shape", shape, "positive integer sizes")
+        if math.prod(shape) > MAX_SAMPLE_NUMEL:
+            raise _bad(path, "data.shape", shape, f"at most {MAX_SAMPLE_NUMEL} elements per sample")
+        if net.get("class") == "MLPScoreNet" and shape != [net.get("dim")]:
+            raise _bad(path, "data.shape", shape, f"[net.dim] = [{net.get('dim')}]")
+        if net.get("class") == "UNet" and (len(shape) != 3 or shape[0] != net.get("in_channels")):
+            raise _bad(path, "data.shape", shape, f"[net.in_channels={net.get('in_channels')}, H, W]")
+    if "sigma_data" in config:
+        _check_number(path, "sigma_data", config["sigma_data"], positive=True)
+    sde = config.get("sde")
+    if isinstance(sde, dict):
+        for key, value in sde.items():
+            if key == "class":
+                continue
+            values = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) > 1_000_000:
+                raise _bad(path, f"sde.{key}", f"<{len(value)} values>", "at most 1000000 values")
+            for v in values:
+                if v is not None:
+                    _check_number(path, f"sde.{key}", v)
 
 
 def _plain_state(module: nn.Module) -> dict:
@@ -161,26 +258,42 @@ def load_checkpoint(path: str | os.PathLike, *, weights: str = "default", map_lo
         state, used = payload["raw_state_dict"], "raw"
     else:
         state, used = payload["state_dict"], ("ema" if has_raw else "raw")
+    check_config(config, path)
     try:
-        net = build_net(config["net"])
-        sde = sde_from_config(config["sde"])
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path}: bad config ({err})") from None
-    own = net.state_dict()
+        with torch.device("meta"):             # shapes only: a lying config allocates nothing
+            skeleton = build_net(config["net"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: bad net config ({err})") from None
+    try:
+        sde = sde_from_config(config.get("sde"))
+        _check_sde_usable(sde)
+    except (ValueError, TypeError, ArithmeticError) as err:
+        raise CheckpointError(f"checkpoint {path}: bad sde config {config.get('sde')!r}: {err}") from None
+    own = skeleton.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    bad_shapes = [f"{k}: {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items()
+    bad_shapes = [f"{k}: {list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} stored, "
+                  f"{list(own[k].shape)} in the config's network" for k, v in state.items()
                   if k in own and (not isinstance(v, torch.Tensor) or v.shape != own[k].shape)]
     if missing or unexpected or bad_shapes:
         raise CheckpointError(
-            f"checkpoint {path} does not match its network {config['net'].get('class')}: "
+            f"checkpoint {path}: its config does not match the stored tensors: "
             f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}"
-            + (f", shape mismatches {bad_shapes[:20]}" if bad_shapes else ""))
+            + (f", shape mismatches {bad_shapes[:20]}" if bad_shapes else "")
+            + f" (config net: {json.dumps(config['net'], sort_keys=True)})")
+    del skeleton
+    try:
+        net = build_net(config["net"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: bad net config ({err})") from None
     net.load_state_dict(state, strict=True)
     net = net.to(map_location)
     if dtype is not None:
         net = net.to(dtype)
     net.eval()
-    model = ScoreModel(net, sde, config.get("prediction", "eps"), sigma_data=config.get("sigma_data", 0.5),
-                       time_input=config.get("time_input", "t"))
+    try:
+        model = ScoreModel(net, sde, config.get("prediction", "eps"), sigma_data=config.get("sigma_data", 0.5),
+                           time_input=config.get("time_input", "t"))
+    except (ValueError, TypeError) as err:   # prediction or time_input not a known name
+        raise CheckpointError(f"checkpoint {path}: bad config ({err})") from None
     return model, {**config, "weights_used": used}

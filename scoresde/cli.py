@@ -27,7 +27,13 @@ can always pass it.  SIGINT/SIGTERM finish the current shard and exit with statu
 present exactly once and merges the shards atomically into ``samples.npz`` /
 ``likelihood.jsonl`` plus ``summary.json`` (and ``samples.png`` for 2-D samples).
 ``progress.json`` (done, total, units/s, ETA, ...) is rewritten atomically after every
-block; a tqdm bar with ETA runs on rank 0 unless ``--quiet``.
+block; a tqdm bar with ETA runs on rank 0 unless ``--quiet``.  A run directory has one writer
+at a time (:class:`scoresde._runs.RunDirLock`, an OS lock dropped when the process dies): a
+second run on the same ``--out`` exits 1 naming the holder's pid; the ranks of one torchrun
+job, and the ``--shard i/S`` processes of one run, share it (one process per shard).
+
+``train`` stops at the first non-finite loss or gradient norm (exit 1, naming the step and
+the loss) without saving, so a good checkpoint is never replaced by a diverged one.
 
 Exit status: 0 done; 1 error (message, no traceback); 2 bad usage; 75 interrupted (resume).
 """
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import io
 import json
 import math
@@ -63,6 +70,30 @@ _SDE_NAMES = ("vp", "subvp", "ve", "cosine", "edm", "rf")
 # ============================================================================ helpers
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def _error_text(err: BaseException) -> str:
+    """One line for an error the command reports without a traceback: the message of a
+    RunError, ValueError or TypeError; for a failed read or write the file and the reason."""
+    if isinstance(err, FileNotFoundError):
+        return f"{type(err).__name__}: {err}"
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ""
+        hint = ("; free some space (or raise the file size limit) and run the same command with --resume"
+                if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "")
+        return f"{type(err).__name__}: {err.strerror or err}{where}{hint}"
+    return str(err)
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite float (NaN and infinities are refused at parse time)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _parse_options(items: Sequence[str] | None) -> dict:
@@ -100,7 +131,13 @@ def _make_sde(args: argparse.Namespace):
 def _device(args: argparse.Namespace, local_rank: int = 0) -> torch.device:
     if args.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(args.device)
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise RunError(f"--device {args.device}: expected cpu, cuda, cuda:K or auto (a device that computes "
+                       "numbers; 'meta' and other kinds are not supported)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RunError("--device cuda was asked for but CUDA is not available")
@@ -313,21 +350,30 @@ class _Job:
         raise NotImplementedError
 
 
-def _claim_out(out: str, args: argparse.Namespace, job_outputs: Sequence[str], sim: bool, need: int) -> None:
-    """Output directory policy (RELIABILITY rows 62-63), before any model is loaded."""
+def _claim_out(out: str, args: argparse.Namespace, job_outputs: Sequence[str], dist: "_Dist",
+               need: int) -> _runs.RunDirLock:
+    """Output directory policy, before any model is loaded: refuse a non-empty directory
+    without --resume/--overwrite, then take the directory's writer lock (a simulated shard
+    shares it with the other shards of its run), and only then delete for --overwrite."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--out {out} exists and is not a directory")
     existing = _runs.existing_files(out)
-    if existing:
-        if args.overwrite:
-            if sim:
-                raise RunError("--overwrite with --shard would let the shards delete each other's work; "
-                               "clear the directory once, then run the shards")
+    if existing and args.overwrite and dist.sim:
+        raise RunError("--overwrite with --shard would let the shards delete each other's work; "
+                       "clear the directory once, then run the shards")
+    if existing and not (args.overwrite or args.resume or dist.sim or getattr(args, "finalize_only", False)):
+        raise RunError(f"output directory {out} already exists and is not empty ({len(existing)} files); "
+                       f"pass --resume to continue the run in it, or --overwrite to start over")
+    _runs.preflight_dir(out)
+    lock = _runs.RunDirLock(out, (dist.rank, dist.world) if dist.sim else None).acquire()
+    try:
+        if existing and args.overwrite:
             _runs.remove_run_files(out, ("run.json", "progress.json", "summary.json", *job_outputs))
-        elif not (args.resume or sim or getattr(args, "finalize_only", False)):
-            raise RunError(f"output directory {out} already exists and is not empty ({len(existing)} files); "
-                           f"pass --resume to continue the run in it, or --overwrite to start over")
-    _runs.preflight_dir(out, need)
+        _runs.preflight_dir(out, need)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _manifest(out: str, config: dict, argv: Sequence[str], extra: dict) -> None:
@@ -362,6 +408,7 @@ def _execute(job: _Job, args: argparse.Namespace, argv: Sequence[str], prog: str
     dist = _Dist(args.shard, device.type, args.dist_timeout)
     stop = _Stop()
     progress = None
+    lock = None          # rank 0 (or each simulated shard) holds the directory for the whole run
     try:
         if dist.pg and device.type == "cuda":
             device = _device(args, dist.local_rank)
@@ -371,15 +418,16 @@ def _execute(job: _Job, args: argparse.Namespace, argv: Sequence[str], prog: str
         error, info = None, None
         if dist.rank0 or dist.sim:
             try:
-                _claim_out(out, args, job.outputs, dist.sim, need_bytes)
-                _resolve_seed(args, out, announce=not quiet)
-                info = setup(True)
-                _manifest(out, info["config"], argv, info["extra"])
-                removed = _runs.clean_stale_tmp(out)
+                lock = _claim_out(out, args, job.outputs, dist, need_bytes)
+                with lock.section(args.dist_timeout):     # simulated shards: one at a time
+                    _resolve_seed(args, out, announce=not quiet)
+                    info = setup(True)
+                    _manifest(out, info["config"], argv, info["extra"])
+                    removed = _runs.clean_stale_tmp(out)
                 if removed and not quiet:
                     eprint(f"removed {len(removed)} stale temporary files: {removed[:5]}")
-            except (RunError, FileNotFoundError, ValueError, TypeError) as err:
-                error = f"{type(err).__name__}: {err}" if isinstance(err, FileNotFoundError) else str(err)
+            except (RunError, OSError, ValueError, TypeError) as err:
+                error = _error_text(err)
         error, args.seed = dist.share((error, args.seed))
         if error:
             raise RunError(error)
@@ -431,20 +479,22 @@ def _execute(job: _Job, args: argparse.Namespace, argv: Sequence[str], prog: str
             return EXIT_INTERRUPTED
         progress.close()
         dist.barrier()
-        if dist.sim:
-            names = set(os.listdir(out))
-            missing = [b for b in blocks if _runs.shard_name(*b, job.ext) not in names]
-            if missing:
-                if not quiet:
-                    eprint(f"shard {dist.rank}/{dist.world} finished; {len(missing)} blocks of other shards are "
-                           f"still missing; the last shard to finish merges (or run with --finalize)")
-                return 0
-        if dist.rank0 or dist.sim:
+        if not (dist.rank0 or dist.sim):
+            return 0
+        with lock.section(args.dist_timeout):          # simulated shards: one merges at a time
+            if dist.sim:
+                names = set(os.listdir(out))
+                missing = [b for b in blocks if _runs.shard_name(*b, job.ext) not in names]
+                if missing:
+                    if not quiet:
+                        eprint(f"shard {dist.rank}/{dist.world} finished; {len(missing)} blocks of other shards "
+                               f"are still missing; the last shard to finish merges (or run with --finalize)")
+                    return 0
             summary = job.finalize(out, blocks)
             progress.write_file = True            # (with --shard, whichever shard merges)
             progress.write("done")
-            if not args.quiet:
-                print(json.dumps(summary, indent=2, sort_keys=True))
+        if not args.quiet:
+            print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
     except KeyboardInterrupt:
         eprint(f"\nscoresde {job.kind}: stopped at once (finished shards are kept); "
@@ -453,6 +503,8 @@ def _execute(job: _Job, args: argparse.Namespace, argv: Sequence[str], prog: str
     finally:
         stop.restore()
         dist.close()
+        if lock is not None:
+            lock.release()
 
 
 def _finalize_blocks(out: str, blocks: list, ext: str, check: Callable[[str, int, int], str | None], n: int) -> None:
@@ -657,6 +709,7 @@ def cmd_sample(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
 class _LikelihoodJob(_Job):
     kind, ext = "likelihood", "jsonl"
     outputs = ("likelihood.jsonl",)
+    digits = False                   # --data digits[:split]: bits/dim per level bin (17 levels)
 
     def setup(self, model, x: torch.Tensor, exact) -> None:
         import solvers
@@ -671,6 +724,9 @@ class _LikelihoodJob(_Job):
         kw = {}
         if a.data_range is not None:
             kw = {"data_range": tuple(a.data_range), "dequantization": a.dequantization, "bits": a.bits}
+        elif self.digits:            # 17 levels: the density per unit bin, log p_v = log p_x + D log(2/17)
+            from .data import digits_log_jacobian
+            lp = lp + digits_log_jacobian(self.dims)
         return float(self.solvers.bits_per_dim(lp, self.dims, **kw))
 
     def _solve(self, ids: list[int]):
@@ -764,8 +820,12 @@ class _LikelihoodJob(_Job):
 
 
 def cmd_likelihood(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
-    from .data import is_toy, load_data, toy_density
+    from .data import digits_split, is_toy, load_data, toy_density
     job = _LikelihoodJob(args)
+    job.digits = digits_split(args.data) is not None
+    if job.digits and args.data_range is not None:
+        raise RunError("--data digits has its own bits/dim convention (17 levels, uniform dequantization into "
+                       "[-1, 1]); drop --data-range/--dequantization/--bits")
     dtype = _dtype(args.dtype)
     if args.block_size < 1 or args.batch_size < 1 or args.micro_batch < 1:
         raise RunError("--block-size, --batch-size and --micro-batch must be >= 1")
@@ -784,7 +844,8 @@ def cmd_likelihood(args: argparse.Namespace, argv: Sequence[str], prog: str) -> 
         sha = _runs.sha256_file(args.checkpoint)
         data_sha = __import__("hashlib").sha256(x.contiguous().numpy().tobytes()).hexdigest()
         config = {"command": "likelihood", "checkpoint_sha256": sha, "weights": cfg["weights_used"],
-                  "data": args.data, "data_n": n, "data_seed": args.data_seed if is_toy(args.data) else None,
+                  "data": args.data, "data_n": n,
+                  "data_seed": args.data_seed if is_toy(args.data) or job.digits else None,
                   "data_sha256": data_sha, "trace": job.trace, "probes": args.probes if job.trace == "hutchinson" else None,
                   "method": args.method, "rtol": args.rtol, "atol": args.atol, "ode_steps": args.ode_steps,
                   "t_end": args.t_end, "max_steps": args.max_steps, "seed": args.seed, "block_size": args.block_size,
@@ -812,9 +873,21 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
+def _nonfinite_tensor(net: torch.nn.Module, ema: torch.nn.Module | None) -> str | None:
+    """The name of the first parameter or buffer with a NaN or infinity (``ema.`` for the
+    EMA copy), or None."""
+    for prefix, module in (("", net), ("ema.", ema)):
+        if module is None:
+            continue
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{prefix}{name}"
+    return None
+
+
 def cmd_train(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
     from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-    from .data import is_toy, load_data, toy_sample
+    from .data import digits_dequantize, digits_levels, digits_split, is_toy, load_data, toy_sample
     from .losses import DSMLoss
     from .model import ScoreModel
     from .nets import MLPScoreNet, UNet
@@ -831,9 +904,17 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     toy = is_toy(args.data)
+    levels = None                    # digits: integer levels, dequantized afresh on every batch
     if toy:
         shape = [2]
         data = None
+    elif digits_split(args.data) is not None:
+        levels = digits_levels(digits_split(args.data))
+        if args.n_data is not None:
+            if not 1 <= args.n_data <= levels.shape[0]:
+                raise RunError(f"--n-data must be in 1..{levels.shape[0]} for {args.data}, got {args.n_data}")
+            levels = levels[:args.n_data]
+        data, shape = None, list(levels.shape[1:])
     else:
         data = load_data(args.data, n=args.n_data, dtype=torch.float32)
         shape = list(data.shape[1:])
@@ -886,13 +967,25 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
         if not args.quiet:
             eprint(f"resuming training of {out} at step {start}")
 
+    saved = [start if start else None]     # the step of the checkpoint now at --out (written or resumed)
+
+    def diverged(step: int, what: str) -> RunError:
+        kept = (f"{out} keeps the checkpoint of step {saved[0]}" if saved[0] is not None else
+                f"{out} was left as it was" if os.path.exists(out) else f"nothing was written to {out}")
+        return RunError(f"training diverged at step {step} of {args.steps}: {what}; stopped without saving ({kept}). "
+                        f"Lower --lr (now {args.lr:g}) or --grad-clip (now {args.grad_clip:g})")
+
     def save(step: int) -> None:
+        bad = _nonfinite_tensor(net, ema)
+        if bad:
+            raise diverged(step, f"non-finite values in {bad}")
         extra = {"data": {"spec": args.data, "shape": shape, "toy": toy},
                  "train": {**train_cfg, "steps": args.steps, "step": step}}
         state = {"step": step, "optimizer": opt.state_dict(), "generator": g.get_state(),
                  "torch_rng": torch.get_rng_state()}
         save_checkpoint(out, net, sde, args.prediction, time_input=args.time_input, ema=ema, extra=extra,
                         train_state=state)
+        saved[0] = step
 
     stop = _Stop()
     stop.install(announce=not args.quiet)
@@ -911,16 +1004,24 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
         for step in range(start, args.steps):
             if toy:
                 x0 = toy_sample(args.data, args.batch_size, g).to(device)
+            elif levels is not None:
+                x0 = digits_dequantize(levels[torch.randint(levels.shape[0], (args.batch_size,), generator=g)],
+                                       g).to(device)
             else:
                 idx = torch.randint(data.shape[0], (args.batch_size,), generator=g)
                 x0 = data[idx].to(device)
             for group in opt.param_groups:
                 group["lr"] = args.lr * _lr_factor(step, args.steps, args.warmup, args.lr_schedule)
             loss = loss_fn(model, x0, g)
+            val = float(loss.detach())
+            if not math.isfinite(val):      # stop before the step spreads it into the weights
+                raise diverged(step + 1, f"loss = {val}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip))
+                if not math.isfinite(grad_norm):
+                    raise diverged(step + 1, f"gradient norm = {grad_norm} (loss {val:.6g})")
             opt.step()
             if ema is not None:
                 decay = min(args.ema, (1.0 + step) / (10.0 + step))   # warm-up: early weights fade fast
@@ -929,7 +1030,6 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
                         pe.lerp_(p, 1.0 - decay)
                     for be, b in zip(ema.buffers(), net.buffers()):
                         be.copy_(b)
-            val = float(loss.detach())
             avg = val if avg is None else 0.98 * avg + 0.02 * val
             if bar is not None:
                 bar.update(1)
@@ -963,16 +1063,77 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
 # ========================================================================= validate
 def cmd_validate(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
     try:
-        from validation.suite import main as validation_main  # a sibling top-level package (source tree)
+        from validation.suite import parser as suite_parser, run as suite_run  # a sibling top-level package
     except ImportError as err:
         eprint(f"scoresde validate: the validation suite is not importable here ({err}). It ships with the "
                "source tree, not the wheel: run `python -m validation` from a checkout of the repository "
                "(or add its root to PYTHONPATH).")
         return 2
-    rest = list(args.rest)
-    if rest and rest[0] == "--":
-        rest = rest[1:]
-    return int(validation_main(rest) or 0)
+    if args.rest:   # the old spelling `scoresde validate -- --quick`: parse what follows the "--"
+        return main(["validate", *args.rest], prog)
+    if args.checkpoint is not None:
+        return _validate_checkpoint(args)
+    given = [f"--{k.replace('_', '-')}" for k in _VALIDATE_MODEL_ONLY if getattr(args, k) is not None]
+    given += ["--weights"] * (args.weights != "default") + ["--no-plots"] * bool(args.no_plots)
+    if given:
+        raise RunError(f"{', '.join(given)}: only with --checkpoint (the analytic suite has its own problems)")
+    args.quick = True if args.quick is None else args.quick
+    defaults = suite_parser()
+    args.out = args.out or defaults.get_default("out")
+    args.tol = defaults.get_default("tol") if args.tol is None else args.tol
+    return int(suite_run(args) or 0)
+
+
+#: options of ``scoresde validate --checkpoint`` that the analytic suite does not take
+_VALIDATE_MODEL_ONLY = ("n", "seed", "shape", "nfe", "schedules", "t_end", "ref_tol")
+
+
+def _validate_checkpoint(args: argparse.Namespace) -> int:
+    """``scoresde validate --checkpoint``: every deterministic solver on the checkpoint's own
+    network against its pf_ode reference (:mod:`validation.model_check`), float64."""
+    from .checkpoint import load_checkpoint
+    import validation.model_check as om
+    bad = [o for o, v in (("--sdes", args.sdes), ("--sections", args.sections), ("--record-bounds", args.record_bounds),
+                          ("--tol", args.tol is not None)) if v]
+    if bad:
+        raise RunError(f"{', '.join(bad)} apply to the analytic suite, not to --checkpoint")
+    if args.out is None:
+        raise RunError("--out DIR is required with --checkpoint")
+    if args.n is not None and args.n < 1:
+        raise RunError(f"--n must be >= 1, got {args.n}")
+    model, cfg = load_checkpoint(args.checkpoint, weights=args.weights, dtype=torch.float64)
+    shape = _data_shape(cfg, args.shape)
+    n = args.n or (256 if len(shape) == 1 else 16)          # vectors: 256; images: 16
+    seed = 0 if args.seed is None else args.seed
+    x_T = model.sde.prior_sample([n, *shape], torch.Generator().manual_seed(seed), dtype=torch.float64)
+    quick = bool(args.quick)
+    nfes = args.nfe or (om.QUICK_NFE if quick else om.FULL_NFE)
+    schedules = args.schedules or ([None] if quick else None)
+    configs = om.configurations(args.methods or None, schedules)   # bad names: ValueError before any solve
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=len(configs), desc="validate", leave=False, file=sys.stderr)
+        eprint(f"reference: pf_ode of {args.checkpoint} on {n} x {shape} samples (float64), then "
+               f"{len(configs)} configurations x {len(nfes)} NFE values")
+    res = om.on_model(model, x_T, t_end=args.t_end, nfes=nfes, methods=args.methods or None, schedules=schedules,
+                      ref_tol=args.ref_tol, progress=(lambda name: (bar.set_postfix_str(name), bar.update(1)))
+                      if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    res["setup"].update(checkpoint=os.path.abspath(args.checkpoint), seed=seed, weights=cfg["weights_used"],
+                        tier="quick" if quick else "full")
+    out = om.write_report(res, args.out, title=f"Solvers on {os.path.basename(args.checkpoint)}",
+                          plots=not args.no_plots)
+    if not args.quiet:
+        ref = res["reference"]
+        print(f"reference: pf_ode dopri8 rtol=atol={ref['rtol']:g}, {ref['nfe']} NFE; its error vs a 10x tighter "
+              f"solve: {ref['error']:.2e} RMS")
+        for b, c in res["recommended"].items():
+            if c is not None:
+                print(f"NFE <= {b:>4}: {c['name']:<40} RMS error {c['error']:.2e} (NFE {c['nfe']})")
+        print(f"wrote {out}/report.md and results.json")
+    return 0
 
 
 # =========================================================================== parser
@@ -990,7 +1151,8 @@ def _add_run_args(p: argparse.ArgumentParser, block: int, batch: int) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:K or auto (default: cpu)")
     p.add_argument("--weights", choices=("default", "ema", "raw"), default="default",
                    help="EMA or raw weights (default: EMA when the checkpoint has them)")
-    p.add_argument("--t-end", type=float, default=None, help="data end of the time interval (default: the SDE's)")
+    p.add_argument("--t-end", type=_finite_float, default=None,
+                   help="data end of the time interval (default: the SDE's)")
     p.add_argument("--on-failure", choices=("raise", "record"), default="raise",
                    help="stop at a failed unit, or record its status and go on")
     g = p.add_mutually_exclusive_group()
@@ -1005,6 +1167,51 @@ def _add_run_args(p: argparse.ArgumentParser, block: int, batch: int) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
 
 
+_VALIDATE_HELP = """Without --checkpoint: the solver accuracy suite on analytic problems (python -m validation;
+quick tier by default).  With --checkpoint: every deterministic solver on that network, against a
+tight pf_ode reference of the network itself; writes report.md, results.json and a plot to --out,
+with a recommended (method, schedule, options) per NFE budget.
+
+  scoresde validate --quick
+  scoresde validate --checkpoint runs/gmm.pt --out runs/gmm-validate [--quick]
+"""
+
+
+def _add_validate_parser(sub) -> None:
+    """The validate verb: the suite's own options (when the suite is importable) plus the
+    --checkpoint ones."""
+    try:
+        from validation.suite import parser as suite_parser
+        parents = [suite_parser(add_help=False)]
+    except ImportError:   # not a source checkout: cmd_validate says so
+        parents = []
+    v = sub.add_parser("validate", parents=parents, description=_VALIDATE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="solver accuracy: the analytic suite, or --checkpoint: on your own network")
+    if not parents:
+        for opt in ("--quick", "--record-bounds", "--quiet"):
+            v.add_argument(opt, action="store_true", default=None)
+        for opt in ("--methods", "--sdes", "--sections"):
+            v.add_argument(opt, nargs="*")
+        v.add_argument("--out", default=None)
+    m = v.add_argument_group("on your own network (--checkpoint)")
+    m.add_argument("--checkpoint", default=None, help="a checkpoint written by `scoresde train`")
+    m.add_argument("--n", type=int, default=None, help="start samples (default 256 for vectors, 16 for images)")
+    m.add_argument("--seed", type=int, default=None, help="seed of the prior draw x_T (default 0)")
+    m.add_argument("--shape", type=int, nargs="+", default=None, help="sample shape (default: the checkpoint's)")
+    m.add_argument("--nfe", type=int, nargs="+", default=None,
+                   help="target NFE values (default 5 6 8 10 15 20 30 50 100 200; --quick: 5 10 20 50)")
+    m.add_argument("--schedules", nargs="+", default=None, choices=("uniform", "log_snr", "quadratic", "karras"),
+                   help="time grids (default: all four; --quick: each method's default)")
+    m.add_argument("--t-end", type=float, default=None, help="data end of the time interval (default: the SDE's)")
+    m.add_argument("--ref-tol", type=float, default=None, help="rtol = atol of the pf_ode reference (default 1e-9)")
+    m.add_argument("--weights", choices=("default", "ema", "raw"), default="default")
+    m.add_argument("--no-plots", action="store_true", help="numbers only (report.md, results.json)")
+    m.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    v.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    v.set_defaults(func=cmd_validate, quick=None, out=None, tol=None)   # per mode: see cmd_validate
+
+
 def build_parser(prog: str = "scoresde") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Train, sample and evaluate score-based diffusion models.",
                                  epilog="Long runs resume: re-run the same command with --resume.")
@@ -1012,7 +1219,9 @@ def build_parser(prog: str = "scoresde") -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a score network on a data set; writes a checkpoint")
     t.add_argument("--data", required=True,
-                   help="a toy set (checkerboard, moons, swiss_roll, 8gaussians, rings, gmm) or a .npy/.npz/.pt file")
+                   help="a toy set (checkerboard, moons, swiss_roll, 8gaussians, rings, gmm), digits (the 1497 "
+                        "training images of scikit-learn's 8x8 digits, extra scoresde[data]; levels 0..16 -> "
+                        "[-1, 1], dequantized afresh every batch) or a .npy/.npz/.pt file")
     t.add_argument("--n-data", type=int, default=None, help="use the first N rows of a data file")
     t.add_argument("--out", required=True, help="checkpoint path, e.g. runs/model.pt")
     t.add_argument("--sde", choices=_SDE_NAMES, default="vp")
@@ -1061,9 +1270,12 @@ def build_parser(prog: str = "scoresde") -> argparse.ArgumentParser:
 
     lk = sub.add_parser("likelihood", help="log-likelihood / bits per dim over a data set (sharded, resumable)")
     _add_run_args(lk, block=100, batch=100)
-    lk.add_argument("--data", required=True, help="a toy set name or a .npy/.npz/.pt file (PATH:KEY)")
+    lk.add_argument("--data", required=True,
+                    help="a toy set name, digits:test (the 300 test digits, dequantized with --data-seed; bits/dim "
+                         "per level bin, 17 levels) or digits:train, or a .npy/.npz/.pt file (PATH:KEY)")
     lk.add_argument("-n", "--n", type=int, default=None, help="number of data points (required for toy sets)")
-    lk.add_argument("--data-seed", type=int, default=1, help="seed of a toy set (training draws from another stream)")
+    lk.add_argument("--data-seed", type=int, default=1,
+                    help="seed of a toy set or of the digits' dequantization (training draws from another stream)")
     lk.add_argument("--trace", choices=("exact", "hutchinson"), default=None,
                     help="divergence estimator (default: exact up to 256 dimensions)")
     lk.add_argument("--probes", type=int, default=1)
@@ -1079,9 +1291,7 @@ def build_parser(prog: str = "scoresde") -> argparse.ArgumentParser:
     lk.add_argument("--exclude-failed", action="store_true", help="average over the successful points only")
     lk.set_defaults(func=cmd_likelihood)
 
-    v = sub.add_parser("validate", help="run the solver accuracy suite (python -m validation)")
-    v.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for python -m validation")
-    v.set_defaults(func=cmd_validate)
+    _add_validate_parser(sub)
     return ap
 
 
@@ -1089,7 +1299,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point of the ``scoresde`` console script and ``python -m scoresde``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or "scoresde"
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.command == "likelihood" and args.bits is not None and args.data_range is None:
+        parser.error("--bits needs --data-range A B (and --dequantization): bits/dim of discrete data are "
+                     "measured on the data's range")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
@@ -1097,6 +1311,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except (RunError, FileNotFoundError) as err:
         msg = f"{type(err).__name__}: {err}" if isinstance(err, FileNotFoundError) else str(err)
         eprint(f"{prog} {args.command}: error: {msg}")
+        return 1
+    except OSError as err:      # a failed write (disk full, file size limit) or read
+        eprint(f"{prog} {args.command}: error: {_error_text(err)}")
+        return 1
+    except ImportError as err:  # an optional extra is missing (scoresde.data.MissingExtraError); others propagate
+        if not getattr(err, "extra", None):
+            raise
+        eprint(f"{prog} {args.command}: error: {err}")
         return 1
     except (ValueError, TypeError) as err:  # bad input caught by the library (checkpoint, data, options)
         eprint(f"{prog} {args.command}: error: {type(err).__name__}: {err}")

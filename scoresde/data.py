@@ -22,6 +22,11 @@ User arrays (:func:`load_array`): ``.npy``, ``.npz`` (one array, or ``key``) and
 ``torch.load(weights_only=True)``); integer data are refused (scale them to the model's
 range first), non-finite values too.  :func:`load_data` accepts either a toy name or a path
 (``path`` or ``path:key``).
+
+Digits (:func:`load_digits`, ``"digits"``/``"digits:train"``, ``"digits:test"``): the 8x8
+grey-level digits shipped inside scikit-learn (an optional extra, ``scoresde[data]``; no
+download), 1497 training and 300 test images ``[N, 1, 8, 8]``, levels v in 0..16 mapped to
+:math:`x = -1 + 2(v + u)/17` with uniform dequantization :math:`u\sim U[0,1)` per pixel.
 """
 from __future__ import annotations
 
@@ -38,7 +43,9 @@ from ._checks import check_int
 from .analytic import GaussianMixture
 
 __all__ = ["TOY_DATASETS", "toy_sample", "toy_density", "gmm_target", "eight_gaussians_target",
-           "load_array", "load_data", "is_toy", "CheckerboardDensity"]
+           "load_array", "load_data", "is_toy", "CheckerboardDensity", "DIGITS_LEVELS", "DIGITS_RANGE",
+           "DIGITS_TEST_SIZE", "MissingExtraError", "digits_levels", "digits_scale", "digits_dequantize",
+           "digits_to_levels", "digits_log_jacobian", "digits_split", "load_digits"]
 
 
 def gmm_target() -> GaussianMixture:
@@ -175,8 +182,16 @@ def _pick(mapping: dict, key: str | None, path: str) -> Any:
             raise ValueError(f"{path} holds several arrays {names}; choose one with key= (or PATH:KEY)")
         key = names[0]
     if key not in mapping:
-        raise KeyError(f"{path} has no array {key!r}; it holds {names}")
+        raise MissingKeyError(f"{path} has no array {key!r}; it holds {names}")
     return mapping[key]
+
+
+class MissingKeyError(KeyError, ValueError):
+    """A data file has no array of the requested key (a KeyError, and a ValueError so that
+    callers reporting bad input catch it; its message prints without quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def load_array(path: str | os.PathLike, key: str | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -233,6 +248,9 @@ def load_array(path: str | os.PathLike, key: str | None = None, dtype: torch.dty
         raise ValueError(f"data in {path} must have a leading sample dimension, got a scalar")
     if x.ndim == 1:
         x = x[:, None]
+    if x.numel() == 0:
+        raise ValueError(f"data in {path} holds no samples (shape {list(x.shape)})" if x.shape[0] == 0 else
+                         f"data in {path} have an empty sample shape {list(x.shape[1:])}")
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
         idx = torch.nonzero(bad).flatten().tolist()
@@ -265,10 +283,21 @@ def is_toy(spec: str) -> bool:
 
 
 def load_data(spec: str, n: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A data set from a toy name (``n`` points drawn with ``seed``; ``n`` required) or a file
-    path (``path`` or ``path:key``; the first ``n`` rows if ``n`` is given)."""
+    """A data set from a toy name (``n`` points drawn with ``seed``; ``n`` required), the
+    digits (``digits``/``digits:train`` or ``digits:test``, uniformly dequantized with ``seed``:
+    :func:`load_digits`; the first ``n`` images if ``n`` is given) or a file path (``path`` or
+    ``path:key``; the first ``n`` rows if ``n`` is given)."""
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"data spec must be a non-empty string (a toy name or a file path), got {spec!r}")
+    split = digits_split(spec)
+    if split is not None:            # digits[:train|test], dequantized with one draw from seed
+        x = load_digits(split, torch.Generator().manual_seed(int(seed)), dtype)
+        if n is not None:
+            n = check_int(n, "n", minimum=1)
+            if n > x.shape[0]:
+                raise ValueError(f"n={n} exceeds the {x.shape[0]} images of {spec}")
+            x = x[:n]
+        return x
     if is_toy(spec):
         if n is None:
             raise ValueError(f"toy data set {spec!r} needs a number of points n")
@@ -283,3 +312,99 @@ def load_data(spec: str, n: int | None = None, seed: int = 0, dtype: torch.dtype
             raise ValueError(f"n={n} exceeds the {x.shape[0]} samples in {path}")
         x = x[:n]
     return x
+
+
+# ---------------------------------------------------------------------- digits
+#: Grey levels of the 8x8 digits (pixel values 0..16).
+DIGITS_LEVELS = 17
+#: The model's range: level v with dequantization u in [0, 1) maps to a + (b - a)(v + u)/17.
+DIGITS_RANGE = (-1.0, 1.0)
+#: Images in the test split (the rest, 1497, are the training split).
+DIGITS_TEST_SIZE = 300
+_DIGITS_SPLITS = ("train", "test")
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; ``extra`` names the ``scoresde[extra]`` to install."""
+
+    def __init__(self, message: str, extra: str):
+        super().__init__(message)
+        self.extra = extra
+
+
+def digits_levels(split: str = "train") -> Tensor:
+    r"""The 8x8 handwritten digits shipped with scikit-learn (1797 images, Alpaydin & Kaynak's
+    UCI optical digits), as integer grey levels ``[N, 1, 8, 8]`` (int64, values 0..16).
+
+    Split (fixed, RNG-version-proof): ``numpy.random.RandomState(0).permutation(1797)``; its
+    first :data:`DIGITS_TEST_SIZE` = 300 indices are ``"test"``, the other 1497 ``"train"``,
+    each returned in the data set's order.  Needs scikit-learn (the ``data`` extra,
+    ``pip install 'scoresde[data]'``); without it :class:`MissingExtraError`."""
+    if split not in _DIGITS_SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise MissingExtraError(f"the digits data set needs scikit-learn, which is not importable ({err}); "
+                                "install the data extra: pip install 'scoresde[data]'", "data") from err
+    images = np.asarray(load_digits().images)
+    perm = np.random.RandomState(0).permutation(images.shape[0])
+    idx = np.sort(perm[:DIGITS_TEST_SIZE] if split == "test" else perm[DIGITS_TEST_SIZE:])
+    return torch.from_numpy(np.rint(images[idx]).astype(np.int64))[:, None]
+
+
+def digits_scale(levels: Tensor, u: Tensor | float = 0.5) -> Tensor:
+    r"""Integer levels ``v`` (0..16) plus dequantization ``u`` in [0, 1) to the model's range:
+    :math:`x = a + (b - a)(v + u)/17` with :math:`(a, b)` = :data:`DIGITS_RANGE` = (-1, 1).
+    ``u=0.5`` (default) gives the bin centres; ``u ~ U[0, 1)`` the uniform dequantization
+    (Theis et al. 2016).  Returns float64 unless ``levels`` is floating."""
+    a, b = DIGITS_RANGE
+    v = levels if levels.is_floating_point() else levels.to(torch.float64)
+    return a + (b - a) * (v + u) / DIGITS_LEVELS
+
+
+def digits_to_levels(x: Tensor) -> Tensor:
+    """The inverse of :func:`digits_scale` up to the bin: the level whose bin holds ``x``
+    (values outside the range clip to 0 or 16)."""
+    a, b = DIGITS_RANGE
+    return torch.floor((x - a) * DIGITS_LEVELS / (b - a)).clamp(0, DIGITS_LEVELS - 1).to(torch.int64)
+
+
+def digits_log_jacobian(num_dims: int = 64) -> float:
+    r""":math:`D\log((b-a)/17)`: add it to a log-density of the scaled data to get the
+    log-density in level units (bins of width 1), i.e. ``log p_levels = log p_x + this``;
+    then ``-log p_levels / (D ln 2)`` is the dequantized bits/dim."""
+    a, b = DIGITS_RANGE
+    return num_dims * math.log((b - a) / DIGITS_LEVELS)
+
+
+def digits_split(spec: Any) -> str | None:
+    """``"digits"`` / ``"digits:train"`` -> ``"train"``, ``"digits:test"`` -> ``"test"``; None
+    for any other spec (an existing file of that name wins)."""
+    if not isinstance(spec, str) or os.path.exists(spec):
+        return None
+    name, _, split = spec.partition(":")
+    if name.lower() != "digits":
+        return None
+    split = split.lower() or "train"
+    if split not in _DIGITS_SPLITS:
+        raise ValueError(f"data spec {spec!r}: the digits splits are 'digits:train' (or 'digits') and 'digits:test'")
+    return split
+
+
+def load_digits(split: str = "train", generator: torch.Generator | None = None,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """The digits split ``[N, 1, 8, 8]`` scaled to [-1, 1] (:func:`digits_scale`), uniformly
+    dequantized with one draw of u per pixel from ``generator`` (None: the bin centres)."""
+    v = digits_levels(split)
+    if generator is None:
+        return digits_scale(v).to(dtype)
+    return digits_dequantize(v, generator, dtype)
+
+
+def digits_dequantize(levels: Tensor, generator: torch.Generator | None,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """Levels to the model's range with a fresh uniform dequantization ``u ~ U[0, 1)`` per
+    pixel drawn from ``generator`` (the training loop calls it on every batch)."""
+    u = torch.rand(levels.shape, generator=generator, dtype=torch.float64)
+    return digits_scale(levels, u).to(dtype)

@@ -327,8 +327,9 @@ def run(args) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m validation", description=__doc__,
+def parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The suite's options (``add_help=False``: as a parent of ``scoresde validate``)."""
+    ap = argparse.ArgumentParser(prog="python -m validation", description=__doc__, add_help=add_help,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     tier = ap.add_mutually_exclusive_group()
     tier.add_argument("--quick", action="store_true", default=True, help="the quick tier (default, < 3 min)")
