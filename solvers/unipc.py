@@ -95,7 +95,7 @@ class UniPC(ExponentialMultistep):
     1, 2, ... as history accumulates), ``variant`` "bh1" | "bh2", ``use_corrector``
     (default True), ``lower_order_final`` (default False; True reproduces the reference code's
     final steps of decreasing order, which lowers the global order to at most 2),
-    ``min_gap_ratio`` (default 0.04, see below).
+    ``min_gap_ratio`` (default 1/3, see below).
 
     **Order:** UniP-p alone has local error :math:`O(h^{p+1})`, UniPC-p :math:`O(h^{p+2})`
     (Zhao et al. 2023, Sec. 3: UniC raises the order by one).  The global order

@@ -305,7 +305,9 @@ def sample_options(scheduler: Any) -> dict:
     ``solver_type``) or ``ddim`` (``solver_order=1``); ``UniPCMultistepScheduler`` ->
     ``unipc`` (``order=solver_order``, ``variant=solver_type``).  The scheduler's lower-order
     final steps (``lower_order_final``, ``euler_at_final``, a zero final sigma) become our
-    ``lower_order_final`` and ``final_denoise``.
+    ``lower_order_final`` and ``final_denoise``.  diffusers has no step-ratio rule, so the
+    multistep methods get ``min_gap_ratio=0`` (scoresde's default lowers the order where a
+    history gap is short against the step, e.g. at the long last steps of a time-uniform grid).
 
     **Raises:** ``ValueError`` for an option no scoresde solver reproduces (thresholding, DDIM
     ``clip_sample``, DPM-Solver ``solver_order=3`` or a non-``dpmsolver++`` algorithm, UniPC
@@ -348,7 +350,8 @@ def _dpm_options(cfg: Any, final_denoise: bool, intervals: int) -> tuple[str, di
         lower = False
     else:                        # its last step is first order with euler_at_final, or lower_order_final below 15 steps
         lower = bool(cfg.get("euler_at_final", False)) or (bool(cfg.get("lower_order_final", True)) and intervals < 15)
-    return "dpmpp_2m", {"solver_type": cfg.get("solver_type", "midpoint"), "lower_order_final": lower}
+    return "dpmpp_2m", {"solver_type": cfg.get("solver_type", "midpoint"), "lower_order_final": lower,
+                        "min_gap_ratio": 0.0}
 
 
 def _unipc_options(scheduler: Any, cfg: Any, final_denoise: bool) -> tuple[str, dict]:
@@ -370,4 +373,5 @@ def _unipc_options(scheduler: Any, cfg: Any, final_denoise: bool) -> tuple[str, 
             raise ValueError("UniPCMultistepScheduler with solver_order=3 and final_sigmas_type='zero' is not "
                              "reproduced (its second-to-last step has order 2); use final_sigmas_type='sigma_min'")
         lower = False            # its last step (to sigma = 0) is the final denoise
-    return "unipc", {"order": order, "variant": cfg.get("solver_type", "bh2"), "lower_order_final": lower}
+    return "unipc", {"order": order, "variant": cfg.get("solver_type", "bh2"), "lower_order_final": lower,
+                     "min_gap_ratio": 0.0}
