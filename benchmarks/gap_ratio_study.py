@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -52,15 +53,8 @@ from validation.problems import gaussian_problem, mixture2d_problem  # noqa: E40
 
 F64 = torch.float64
 
-SDES = {
-    "vp": lambda: scoresde.VPSDE(beta_min=0.1, beta_max=20.0),
-    "subvp": lambda: scoresde.SubVPSDE(beta_min=0.1, beta_max=20.0),
-    "ve": lambda: scoresde.VESDE(sigma_min=0.01, sigma_max=50.0),
-    "cosine": lambda: scoresde.CosineVPSDE(),
-    "edm": lambda: scoresde.EDMSDE(sigma_min=0.002, sigma_max=80.0),
-    "rf": lambda: scoresde.RectifiedFlowSDE(),
-    "discrete": lambda: scoresde.DiscreteVPSDE(betas=torch.linspace(1e-4, 0.02, 1000, dtype=F64)),
-}
+SDES = {name: partial(scoresde.make_sde, name)
+        for name in ("vp", "subvp", "ve", "cosine", "edm", "rf", "discrete")}
 SCHEDULES = ("uniform", "log_snr", "quadratic", "karras")
 STEPS = (3, 5, 8, 10, 15, 20, 50)
 THRESHOLDS = (0.0, 0.04, 0.1, 0.15, 0.2, 0.25, 0.33, 0.5)

@@ -1,4 +1,4 @@
-"""Likelihood benchmark (issue 4, "Performance"): wall time, NFE and error against the exact
+"""Likelihood benchmark: wall time, NFE and error against the exact
 log-density, side by side in one run, for N points (default 512) of a d=16 Gaussian mixture
 (4 components, full anisotropic covariances) with its exact analytic model.
 

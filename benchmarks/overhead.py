@@ -1,4 +1,4 @@
-"""Per-step overhead of the fixed-step samplers (issue 3, "Performance").
+"""Per-step overhead of the fixed-step samplers.
 
 overhead ratio = total sampling time / (nfe x time of one model call)
 

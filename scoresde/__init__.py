@@ -17,6 +17,8 @@ from .sde import (
     EDMSDE,
     RectifiedFlowSDE,
     DiscreteVPSDE,
+    make_sde,
+    sde_class,
 )
 from .model import Prediction, ScoreModel, Denoised
 from .analytic import Gaussian, GaussianMixture
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SDE", "LinearSDE", "VPSDE", "SubVPSDE", "VESDE", "CosineVPSDE", "EDMSDE",
-    "RectifiedFlowSDE", "DiscreteVPSDE", "Prediction", "ScoreModel", "Denoised",
+    "RectifiedFlowSDE", "DiscreteVPSDE", "make_sde", "sde_class", "Prediction", "ScoreModel", "Denoised",
     "Gaussian", "GaussianMixture", "append_dims", "__version__",
     "DSMLoss", "dsm_loss", "MLPScoreNet", "UNet", "FixedBatch", "save_checkpoint", "load_checkpoint", "data",
 ]

@@ -1,4 +1,5 @@
-r"""Machinery for long, sharded, resumable runs (RELIABILITY.md section 3b).
+r"""Machinery for long, sharded, resumable runs (see docs/long-runs.md and
+the faults survived in docs/reliability.md).
 
 - **Atomic files**: every file is written to ``.{name}.tmp-{pid}`` in the *same* directory,
   flushed and ``fsync``-ed, moved into place with ``os.replace`` and the directory is

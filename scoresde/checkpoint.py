@@ -49,11 +49,9 @@ __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "sde_from_co
 
 FORMAT = "scoresde-checkpoint"
 
-#: SDE classes a config may name, with the constructor arguments their ``config()`` records.
-SDE_CLASSES = {
-    "VPSDE": _sde.VPSDE, "SubVPSDE": _sde.SubVPSDE, "VESDE": _sde.VESDE, "CosineVPSDE": _sde.CosineVPSDE,
-    "EDMSDE": _sde.EDMSDE, "RectifiedFlowSDE": _sde.RectifiedFlowSDE, "DiscreteVPSDE": _sde.DiscreteVPSDE,
-}
+#: SDE classes a config may name (by class name), with the constructor arguments their
+#: ``config()`` records: the registry of :mod:`scoresde.sde`.
+SDE_CLASSES = _sde.SDE_CLASSES
 
 
 class CheckpointError(ValueError):

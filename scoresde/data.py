@@ -291,13 +291,7 @@ def load_data(spec: str, n: int | None = None, seed: int = 0, dtype: torch.dtype
         raise TypeError(f"data spec must be a non-empty string (a toy name or a file path), got {spec!r}")
     split = digits_split(spec)
     if split is not None:            # digits[:train|test], dequantized with one draw from seed
-        x = load_digits(split, torch.Generator().manual_seed(int(seed)), dtype)
-        if n is not None:
-            n = check_int(n, "n", minimum=1)
-            if n > x.shape[0]:
-                raise ValueError(f"n={n} exceeds the {x.shape[0]} images of {spec}")
-            x = x[:n]
-        return x
+        return _first(load_digits(split, torch.Generator().manual_seed(int(seed)), dtype), n, f"images of {spec}")
     if is_toy(spec):
         if n is None:
             raise ValueError(f"toy data set {spec!r} needs a number of points n")
@@ -305,13 +299,17 @@ def load_data(spec: str, n: int | None = None, seed: int = 0, dtype: torch.dtype
     path, key = _split_spec(spec)
     if not os.path.exists(path) and os.path.splitext(path)[1].lower() not in _SUFFIXES:
         raise ValueError(f"data {spec!r} is neither a toy data set ({', '.join(TOY_DATASETS)}) nor an existing file")
-    x = load_array(path, key, dtype=dtype)
-    if n is not None:
-        n = check_int(n, "n", minimum=1)
-        if n > x.shape[0]:
-            raise ValueError(f"n={n} exceeds the {x.shape[0]} samples in {path}")
-        x = x[:n]
-    return x
+    return _first(load_array(path, key, dtype=dtype), n, f"samples in {path}")
+
+
+def _first(x: Tensor, n: int | None, what: str) -> Tensor:
+    """The first ``n`` rows of ``x`` (all with ``n=None``); ValueError if there are fewer."""
+    if n is None:
+        return x
+    n = check_int(n, "n", minimum=1)
+    if n > x.shape[0]:
+        raise ValueError(f"n={n} exceeds the {x.shape[0]} {what}")
+    return x[:n]
 
 
 # ---------------------------------------------------------------------- digits

@@ -12,8 +12,8 @@ reverse process from ``T`` down to ``t_end``.
 fully described by :math:`\alpha(t)` and :math:`\sigma(t)`: the drift coefficient is
 :math:`f(t) = d\log\alpha/dt`, the squared diffusion
 :math:`g^2(t) = d\sigma^2/dt - 2 f(t)\sigma^2(t)`, and the log signal-to-noise ratio
-:math:`\lambda(t) = \log(\alpha^2/\sigma^2)`, strictly decreasing with
-:math:`d\lambda/dt = -g^2/\sigma^2`.
+``log_snr(t)`` :math:`= \log(\alpha^2/\sigma^2)`, strictly decreasing with derivative
+:math:`-g^2/\sigma^2`.  (Solvers write :math:`\lambda = \log(\alpha/\sigma)`, half the log-SNR.)
 
 Precision policy: schedules are evaluated in float64 (``expm1``/``log1p`` forms where
 t -> 0 would lose digits, e.g. :math:`\sigma = \sqrt{-\mathrm{expm1}(2\log\alpha)}` for the
@@ -52,6 +52,10 @@ __all__ = [
     "EDMSDE",
     "RectifiedFlowSDE",
     "DiscreteVPSDE",
+    "SDE_CLASSES",
+    "SDE_SHORT_NAMES",
+    "sde_class",
+    "make_sde",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -167,7 +171,7 @@ class LinearSDE(SDE):
     A subclass implements the float64 hooks ``_log_alpha(t)`` and ``_log_sigma(t)``;
     it may override ``_f`` (:math:`d\log\alpha/dt`), ``_g2``, ``_log_snr`` and
     ``_t_of_log_snr`` with closed forms.  The defaults differentiate by autograd and
-    invert :math:`\lambda(t)` by bisection (monotone, 64 halvings of ``[0, T]`` in
+    invert the log-SNR by bisection (monotone, 64 halvings of ``[0, T]`` in
     float64), so a user only needs :math:`\log\alpha` and :math:`\log\sigma`.
     """
 
@@ -208,7 +212,7 @@ class LinearSDE(SDE):
         return 0.5 * (lo + hi)
 
     def _newton_polish(self, t: Tensor, lam: Tensor) -> Tensor:
-        """One Newton step on lambda(t) = lam, using d lambda/dt = -g^2/sigma^2."""
+        """One Newton step on log_snr(t) = lam, using d log_snr/dt = -g^2/sigma^2."""
         slope = -self._g2(t) / torch.exp(2.0 * self._log_sigma(t))
         step = (self._log_snr(t) - lam) / slope
         ok = torch.isfinite(step) & (slope < 0)
@@ -264,7 +268,7 @@ class LinearSDE(SDE):
         return self._apply(self._log_sigma, t)
 
     def log_snr(self, t: Any) -> Tensor:
-        r""":math:`\lambda(t) = \log(\alpha(t)^2/\sigma(t)^2)`, strictly decreasing."""
+        r"""The log-SNR :math:`\log(\alpha(t)^2/\sigma(t)^2)`, strictly decreasing."""
         return self._apply(self._log_snr, t)
 
     def f(self, t: Any) -> Tensor:
@@ -287,9 +291,10 @@ class LinearSDE(SDE):
         return append_dims(fx, x.ndim) * x
 
     def t_of_log_snr(self, lam: Any) -> Tensor:
-        r"""Inverse of :meth:`log_snr`: the t in ``[0, T]`` with :math:`\lambda(t)` = ``lam``.
+        r"""Inverse of :meth:`log_snr`: the t in ``[0, T]`` whose log-SNR is ``lam`` (the full
+        log-SNR :math:`\log(\alpha^2/\sigma^2)`, not the solvers' half-log-SNR :math:`\lambda`).
 
-        ``lam`` must lie in :math:`[\lambda(T), \lambda(0)]` (a small relative slack is
+        ``lam`` must lie in ``[log_snr(T), log_snr(0)]`` (a small relative slack is
         clamped); closed form where one exists, else monotone bisection."""
         if isinstance(lam, Tensor):
             if not lam.is_floating_point():
@@ -335,6 +340,38 @@ class LinearSDE(SDE):
             "alpha": torch.exp(la), "sigma": torch.exp(ls), "log_alpha": la, "log_sigma": ls,
             "log_snr": self._log_snr(t), "f": self._f(t), "g2": self._g2(t),
         }
+
+    # ------------------------------------------------ unchecked float64 evaluation
+    # The solvers' contract with a LinearSDE: float64 times (or log-SNRs) in, float64 out, no
+    # validation, no clamping, no dtype/device conversion.  A solver checks its time grid once
+    # per call and evaluates these per step; everything else wants the checked methods above,
+    # which give the same values.  Subclasses override the private hooks, not these.
+    def log_alpha_unchecked(self, t: Tensor) -> Tensor:
+        r""":math:`\log\alpha(t)` at float64 ``t`` (no checks)."""
+        return self._log_alpha(t)
+
+    def log_sigma_unchecked(self, t: Tensor) -> Tensor:
+        r""":math:`\log\sigma(t)` at float64 ``t`` (no checks)."""
+        return self._log_sigma(t)
+
+    def log_snr_unchecked(self, t: Tensor) -> Tensor:
+        r"""Log-SNR :math:`\log(\alpha^2/\sigma^2)` at float64 ``t`` (no checks)."""
+        return self._log_snr(t)
+
+    def f_unchecked(self, t: Tensor) -> Tensor:
+        r"""Drift coefficient :math:`f(t) = d\log\alpha/dt` at float64 ``t`` (no checks)."""
+        return self._f(t)
+
+    def g2_unchecked(self, t: Tensor) -> Tensor:
+        r"""Squared diffusion :math:`g(t)^2` at float64 ``t`` (no checks)."""
+        return self._g2(t)
+
+    def t_of_log_snr_unchecked(self, log_snr: Tensor) -> Tensor:
+        r"""Inverse of the log-SNR at float64 ``log_snr``: :meth:`t_of_log_snr` without its range
+        check, clamping to ``[0, T]`` and dtype conversion.  ``log_snr`` must lie in
+        :math:`[\log\mathrm{SNR}(T), \log\mathrm{SNR}(0)]`; the result may leave ``[0, T]`` by
+        round-off."""
+        return self._t_of_log_snr(log_snr)
 
 
 # --------------------------------------------------------------------------- VP family
@@ -714,3 +751,42 @@ class RectifiedFlowSDE(LinearSDE):
 
     def config(self) -> dict:
         return {"class": "RectifiedFlowSDE", "T": self.T}
+
+
+# --------------------------------------------------------------------------- registry
+#: The built-in SDE classes by class name: the names their ``config()`` records and the only
+#: ones a checkpoint config may name (a checkpoint never names code to import).
+SDE_CLASSES: dict[str, type[LinearSDE]] = {
+    cls.__name__: cls
+    for cls in (VPSDE, SubVPSDE, VESDE, CosineVPSDE, EDMSDE, RectifiedFlowSDE, DiscreteVPSDE)
+}
+
+#: Short names of the built-in SDEs (the command line's ``--sde``, the validation suite's keys).
+SDE_SHORT_NAMES: dict[str, type[LinearSDE]] = {
+    "vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "cosine": CosineVPSDE, "edm": EDMSDE,
+    "rf": RectifiedFlowSDE, "discrete": DiscreteVPSDE,
+}
+
+
+def sde_class(name: str) -> type[LinearSDE]:
+    """The built-in SDE class called ``name``: a short name (``"vp"``, ``"subvp"``, ``"ve"``,
+    ``"cosine"``, ``"edm"``, ``"rf"``, ``"discrete"``) or a class name (``"VPSDE"``, ...)."""
+    cls = SDE_SHORT_NAMES.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str):
+        cls = SDE_CLASSES.get(name)
+    if cls is None:
+        known = ", ".join([*SDE_SHORT_NAMES, *SDE_CLASSES])
+        raise ValueError(f"sde name must be one of {known}; got {name!r}")
+    return cls
+
+
+def make_sde(name: str, **params: Any) -> LinearSDE:
+    """A fresh built-in SDE: ``sde_class(name)(**params)``.
+
+    With no ``params`` every class takes its constructor defaults, and ``DiscreteVPSDE`` (which
+    has none) takes DDPM's linear schedule, ``betas = linspace(1e-4, 0.02, 1000)`` in float64
+    (Ho et al., 2020)."""
+    cls = sde_class(name)
+    if not params and cls is DiscreteVPSDE:
+        params = {"betas": torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)}
+    return cls(**params)

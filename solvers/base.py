@@ -1,6 +1,6 @@
 r"""The solver contract, the one step loop, NFE accounting and the boundary checks.
 
-A solver (STYLE.md E1) is a small dataclass whose fields are its options.  It declares
+A solver (docs/extending.md) is a small dataclass whose fields are its options.  It declares
 ``name``, ``order``, ``stochastic`` and ``requires_linear_sde`` and implements
 
 - ``prepare(sde, grid, like) -> StepTable``: every schedule coefficient, computed once in
@@ -153,7 +153,9 @@ class Solver:
 
     Class attributes: ``name`` (set by ``register``), ``order`` (theoretical global order),
     ``stochastic`` (draws noise), ``requires_linear_sde``, ``default_schedule``,
-    ``nfe_per_step``.
+    ``nfe_per_step``.  ``order`` is a class constant except where it is an option (UniPC's
+    ``order`` field) or follows from one (pc takes its predictor's); an instance value that
+    depends on the options (DDIM's ``stochastic``, pc's flags) is set in ``__post_init__``.
     """
 
     name: ClassVar[str] = "solver"
@@ -164,10 +166,13 @@ class Solver:
     nfe_per_step: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        """Validate the options; a subclass that derives values from them (normalised option
+        values, instance flags) sets them here, after ``super().__post_init__()``."""
         self.validate_options()
 
     def validate_options(self) -> None:
-        """Check option values (ranges, literals); raise ValueError/TypeError naming them."""
+        """Check option values (ranges, literals); raise ValueError/TypeError naming them.
+        Only checks: it changes nothing (derived values belong in ``__post_init__``)."""
 
     # ------------------------------------------------------------- contract
     def grid_intervals(self, steps: int) -> int:
@@ -264,7 +269,7 @@ def build_grid(solver: Solver, sde: SDE, steps: Any, timesteps: Any, schedule: A
     t0 = sde.T if t_start is None else t_start
     t1 = sde.default_t_end if t_end is None else t_end
     if t1 == t0:
-        # a zero-length interval (e.g. t_end=T): nothing to integrate (RELIABILITY row 5); the
+        # a zero-length interval (e.g. t_end=T): nothing to integrate (x_T itself, nfe 0); the
         # schedule and options are still validated so that the same call with t_end < T works
         make_grid(sde, solver.grid_intervals(steps), schedule, 0.5 * t0, t0, rho)
         return TimeGrid(torch.tensor([t0], dtype=torch.float64), schedule, budget=steps)

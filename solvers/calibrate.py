@@ -5,13 +5,13 @@ calibration samples serves every later sample (Chen, Zhou, Wang, Shen & Lyu 2024
 Trajectory Regularity of ODE-based Diffusion Sampling" (GITS), ICML).  The fit has two stages.
 
 **1. GITS grid** (their Sec. 4).  A fine grid :math:`t^f_0 = t_{start} > \dots > t^f_M = t_{end}`
-uniform in :math:`\lambda = \log(\alpha^2/\sigma^2)`; a teacher trajectory :math:`X_m` at its
+uniform in the log-SNR :math:`\log(\alpha^2/\sigma^2)`; a teacher trajectory :math:`X_m` at its
 nodes (``teacher`` with ``teacher_refine`` sub-steps per fine interval) with data predictions
 :math:`D_m = \hat x_0(X_m, t^f_m)`; the local error of one first-order (DDIM /
 DPM-Solver++-1) step from node m to node n > m,
 
 .. math:: c_{mn} = \mathrm{RMS}\Big(\frac{\sigma_n}{\sigma_m}X_m - \alpha_n(e^{-h}-1)D_m - X_n\Big),
-          \qquad h = \tfrac12(\lambda_n - \lambda_m),
+          \qquad h = \lambda_n - \lambda_m,\quad \lambda = \log(\alpha/\sigma),
 
 (no further network call); and, by dynamic programming, the path
 :math:`0 = m_0 < \dots < m_K = M` of exactly K = ``steps`` jumps with the least
@@ -24,7 +24,7 @@ grid is then fitted to what matters: the method's *global* error on the calibrat
 (against :math:`\hat x_0(X_M)` with ``final_denoise``).  It starts from the best of the GITS grid
 and the log-SNR, uniform-t, quadratic and Karras grids, and runs a pattern search: each
 interior node in turn moves by a fraction (1/2, then 1/4, 1/8) of the gap to its nearer
-neighbour, in :math:`\lambda`, while that lowers E.  Costs ``steps`` NFE per trial on the
+neighbour, in log-SNR (equivalently in :math:`\lambda`), while that lowers E.  Costs ``steps`` NFE per trial on the
 calibration batch (``max_trials`` at most).
 
 The result is a grid of exactly ``steps`` intervals from ``t_start`` to ``t_end`` (end points
@@ -103,13 +103,13 @@ def _step_costs(X: Tensor, D: Tensor, coef: dict[str, Tensor]) -> Tensor:
     """c[m, n] of the module docstring for every m < n (inf elsewhere), float64; ``coef`` is
     ``sde.coefficients`` at the fine nodes (the SDE's own alpha and sigma)."""
     n_nodes = X.shape[0]
-    alpha, sigma, lam = coef["alpha"], coef["sigma"], coef["log_snr"]
+    alpha, sigma, log_snr = coef["alpha"], coef["sigma"], coef["log_snr"]
     cost = torch.full((n_nodes, n_nodes), float("inf"), dtype=torch.float64)
     flat_x = X.reshape(n_nodes, -1)
     flat_d = D.reshape(n_nodes, -1)
     for m in range(n_nodes - 1):
         n = torch.arange(m + 1, n_nodes)
-        h = 0.5 * (lam[n] - lam[m])
+        h = 0.5 * (log_snr[n] - log_snr[m])
         a = (sigma[n] / sigma[m]).to(dtype=flat_x.dtype, device=flat_x.device)[:, None]
         b = (alpha[n] * torch.expm1(-h)).to(dtype=flat_x.dtype, device=flat_x.device)[:, None]
         err = a * flat_x[m] - b * flat_d[m] - flat_x[n]
@@ -167,14 +167,14 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
         get(method, **method_options)            # a bad name or option fails here, before any call
     fine = make_grid(sde, fine_steps, "log_snr", t_end, t_start)
     coef = sde.coefficients(fine.t)
-    lam_fine = coef["log_snr"]
+    log_snr_fine = coef["log_snr"]
     nfe0 = model.nfe
 
     # ---- stage 1: teacher trajectory, first-order local errors, GITS path
     u = torch.arange(teacher_refine, dtype=torch.float64) / teacher_refine
-    lam_ref = torch.cat([(lam_fine[:-1, None] + u * (lam_fine[1:, None] - lam_fine[:-1, None])).reshape(-1),
-                         lam_fine[-1:]])
-    t_ref = sde._t_of_log_snr(lam_ref)
+    log_snr_ref = torch.cat([(log_snr_fine[:-1, None] + u * (log_snr_fine[1:, None] - log_snr_fine[:-1, None]))
+                             .reshape(-1), log_snr_fine[-1:]])
+    t_ref = sde.t_of_log_snr_unchecked(log_snr_ref)
     t_ref[::teacher_refine] = fine.t          # the fine nodes exactly
     X = sample(model, x_start, teacher, timesteps=t_ref, return_trajectory=True,
                **(teacher_options or {})).trajectory[::teacher_refine]
@@ -188,7 +188,7 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
     if method is None:
         return CalibratedGrid(gits, total, uniform, float("nan"), "gits", float("nan"), model.nfe - nfe0)
 
-    # ---- stage 2: the method's global error on the calibration batch, pattern search in lambda
+    # ---- stage 2: the method's global error on the calibration batch, pattern search in log-SNR
     t_s, t_e = float(fine.t[0]), float(fine.t[-1])
     with torch.no_grad():
         target = model.x0(X[-1], t_e) if final_denoise else X[-1]
@@ -204,8 +204,8 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
             return (float("inf"),) * 3
         return _rms(sol.x, target), _rms(sol.x[:half], target[:half]), _rms(sol.x[half:], target[half:])
 
-    def grid_of(lam: Tensor) -> Tensor:
-        t = sde._t_of_log_snr(lam)
+    def grid_of(log_snr: Tensor) -> Tensor:
+        t = sde.t_of_log_snr_unchecked(log_snr)
         t[0], t[-1] = t_s, t_e            # exact end points despite round-off of the inverse
         return t
 
@@ -221,25 +221,25 @@ def calibrate_timesteps(model: ScoreModel, x_start: Tensor, steps: int, *, metho
     scored = {name: error(t) for name, t in starts.items()}
     start = min(scored, key=lambda k: scored[k][0])
     best_t, best = starts[start], scored[start]
-    lam = sde._log_snr(best_t).clone()
+    log_snr = sde.log_snr_unchecked(best_t).clone()
     trials = 0
     for frac in (0.5, 0.25, 0.125):
         improved = True
         while improved and trials < max_trials:
             improved = False
             for j in range(1, steps):
-                gap = min(float(lam[j] - lam[j - 1]), float(lam[j + 1] - lam[j]))
+                gap = min(float(log_snr[j] - log_snr[j - 1]), float(log_snr[j + 1] - log_snr[j]))
                 for sign in (-1.0, 1.0):
                     if trials >= max_trials:
                         break
-                    trial = lam.clone()
-                    trial[j] = lam[j] + sign * frac * gap
+                    trial = log_snr.clone()
+                    trial[j] = log_snr[j] + sign * frac * gap
                     t = grid_of(trial)
                     if not bool((t[1:] < t[:-1]).all()):
                         continue
                     trials += 1
                     e = error(t)
                     if better(e, best):
-                        best, best_t, lam, improved = e, t, trial, True
+                        best, best_t, log_snr, improved = e, t, trial, True
                         break
     return CalibratedGrid(best_t.clone(), total, uniform, best[0], start, scored[start][0], model.nfe - nfe0)

@@ -37,7 +37,7 @@ def _alpha_factor(sde: SDE, grid: TimeGrid) -> Tensor:
     t64 = grid.t
     if not isinstance(sde, LinearSDE):
         return torch.ones(grid.steps, dtype=torch.float64)
-    la = sde._log_alpha(t64)
+    la = sde.log_alpha_unchecked(t64)
     return torch.exp(2.0 * (la[:-1] - la[1:]))
 
 
@@ -148,7 +148,9 @@ class PredictorCorrector(Solver):
     corrector_steps: int = 1
     predictor_options: dict | None = None
 
-    def validate_options(self) -> None:
+    def _resolve_predictor(self) -> Solver:
+        """The predictor instance named by ``predictor`` / ``predictor_options`` (raises for a bad
+        one; no side effect)."""
         opts = self.predictor_options
         if opts is not None and not isinstance(opts, dict):
             raise TypeError(f"predictor_options must be a dict, got {type(opts).__name__}")
@@ -172,14 +174,29 @@ class PredictorCorrector(Solver):
             raise TypeError(f"predictor must be a method name or a Solver instance, got {type(pred).__name__}")
         if hasattr(pred, "run") or getattr(pred, "adaptive", False):
             raise ValueError(f"predictor must be a fixed-step method; {pred.name!r} is adaptive")
+        return pred
+
+    def validate_options(self) -> None:
+        self._resolve_predictor()
         if not isinstance(self.corrector, str) or self.corrector not in CORRECTORS:
             raise ValueError(f"corrector must be one of {sorted(CORRECTORS)}; got {self.corrector!r}")
+        check_float(self.snr, "snr", low=0.0, low_open=True)
+        check_int(self.corrector_steps, "corrector_steps", minimum=0)
+
+    def __post_init__(self) -> None:
+        """Validate the options, then derive from them: ``snr`` as a float and
+        ``corrector_steps`` as an int, the predictor and corrector instances, and the instance
+        values that override the class defaults (read by :func:`solvers.sample` before any NFE):
+        ``stochastic``, ``requires_linear_sde``, ``default_schedule`` and ``order``, which are
+        the predictor's (an instance value: the order is not an option of pc but follows from
+        its ``predictor`` option)."""
+        super().__post_init__()
+        pred = self._resolve_predictor()
         self.snr = check_float(self.snr, "snr", low=0.0, low_open=True)
         self.corrector_steps = check_int(self.corrector_steps, "corrector_steps", minimum=0)
         cls = CORRECTORS[self.corrector]
         self._pred = pred
         self._corr = cls(self.snr) if cls is not None and self.corrector_steps > 0 else None
-        # instance flags derived from the parts (read by solvers.sample before any NFE)
         self.stochastic = bool(pred.stochastic) or self._corr is not None
         self.requires_linear_sde = bool(pred.requires_linear_sde) or self.corrector == "annealed_langevin"
         self.default_schedule = pred.default_schedule

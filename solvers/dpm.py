@@ -201,7 +201,7 @@ class DPMSolverPP3M(ExponentialMultistep):
         tab = super().prepare(sde, grid, like)
         if self.warmup == "singlestep":
             lam0, lam1 = float(tab.lam64[0]), float(tab.lam64[1])
-            t_mid = sde._t_of_log_snr(torch.tensor(lam0 + lam1, dtype=torch.float64))  # lambda midpoint
+            t_mid = sde.t_of_log_snr_unchecked(torch.tensor(lam0 + lam1, dtype=torch.float64))  # lambda midpoint
             c = sde.coefficients(t_mid.reshape(1))
             # the fraction actually reached (round-off of the inverse), as in ExponentialSinglestep
             h = lam1 - lam0

@@ -122,7 +122,8 @@ MIN_GAP_RATIO = 1.0 / 3.0
 
 @dataclass(frozen=True)
 class History:
-    """Immutable multistep history (STYLE.md E2): the last data predictions, newest last."""
+    """Immutable multistep history, returned by ``step`` rather than mutated: the last data
+    predictions, newest last."""
 
     x0: tuple = ()
 
@@ -335,7 +336,7 @@ class ExponentialSinglestep(Solver):
         # every stage time of every outer step in one inversion and one coefficient call
         lam_all = [lam[i] + r * (lam[i + 1] - lam[i]) for i, fr in enumerate(fracs) for r in fr]
         if lam_all:
-            t_all = sde._t_of_log_snr(2.0 * torch.tensor(lam_all, dtype=torch.float64))
+            t_all = sde.t_of_log_snr_unchecked(2.0 * torch.tensor(lam_all, dtype=torch.float64))
             c_all = sde.coefficients(t_all)
             lam_reached = (0.5 * c_all["log_snr"]).tolist()
             a_all, s_all = c_all["alpha"].tolist(), c_all["sigma"].tolist()
@@ -361,7 +362,7 @@ class ExponentialSinglestep(Solver):
 
     def stage_coefficients(self, st: dict, k: int) -> tuple[float, ...]:
         """The scalar coefficients :meth:`combine` needs for an order-k outer step, computed
-        here once per call (float64) so that the loop only indexes them (STYLE E3)."""
+        here once per call (float64) so that the loop only indexes them."""
         return ()
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:

@@ -172,8 +172,13 @@ class DDIM(Solver):
         eta = check_float(self.eta, "eta")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
-        self.eta = eta
-        self.stochastic = eta > 0  # instance flag: noise is drawn only when eta > 0
+
+    def __post_init__(self) -> None:
+        """Validate the options, then derive from them: ``eta`` as a float and the instance
+        flag ``stochastic`` (noise is drawn only when eta > 0; the class default is False)."""
+        super().__post_init__()
+        self.eta = check_float(self.eta, "eta")
+        self.stochastic = self.eta > 0
 
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
         tab = super().prepare(sde, grid, like)
@@ -358,8 +363,8 @@ def pf_ode_drift(model: ScoreModel, ev: CheckedModel, like: Tensor):
     if isinstance(sde, LinearSDE):
         def drift(x: Tensor, t64: Tensor) -> Tensor:
             eps = ev.evaluate(x, t64).eps
-            f = sde._f(t64).to(x.dtype)
-            c = (0.5 * sde._g2(t64) / torch.exp(sde._log_sigma(t64))).to(x.dtype)
+            f = sde.f_unchecked(t64).to(x.dtype)
+            c = (0.5 * sde.g2_unchecked(t64) / torch.exp(sde.log_sigma_unchecked(t64))).to(x.dtype)
             return f * x + c * eps
     else:  # pragma: no cover - exercised once ScoreModel accepts general SDEs
         def drift(x: Tensor, t64: Tensor) -> Tensor:

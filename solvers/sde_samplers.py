@@ -407,7 +407,7 @@ class AdaptiveSDE(Solver):
 
         def coef(t64: Tensor, like: Tensor) -> tuple[Tensor | None, Tensor]:
             if linear:
-                f, g2 = sde._f(t64), sde._g2(t64)
+                f, g2 = sde.f_unchecked(t64), sde.g2_unchecked(t64)
             else:                                              # a general SDE (score-only model)
                 f, g2 = None, sde.diffusion(t64) ** 2
             cast = lambda v: append_dims(v.to(dtype=like.dtype), like.ndim)  # noqa: E731

@@ -4,11 +4,13 @@ A grid is a strictly decreasing sequence :math:`t_0 = t_{start} > t_1 > \dots > 
 of ``steps + 1`` points (``steps`` = number of intervals).  Schedules:
 
 - ``"uniform"``: uniform in t.
-- ``"log_snr"``: uniform in :math:`\lambda = \log(\alpha^2/\sigma^2)` (DPM-Solver's "logSNR").
+- ``"log_snr"``: uniform in the log-SNR :math:`\log(\alpha^2/\sigma^2)` (DPM-Solver's "logSNR"),
+  i.e. uniform in :math:`\lambda = \log(\alpha/\sigma)`.
 - ``"quadratic"``: :math:`t_i = t_{end} + (t_{start}-t_{end})(1 - i/N)^2`, dense near the data (DDIM).
 - ``"karras"``: EDM's :math:`\rho`-spacing in :math:`\hat\sigma = \sigma/\alpha` (Karras et al. 2022, eq. 5),
   :math:`\hat\sigma_i = (\hat\sigma_{max}^{1/\rho} + \tfrac iN(\hat\sigma_{min}^{1/\rho}-\hat\sigma_{max}^{1/\rho}))^\rho`,
-  mapped back to t through :math:`\lambda = -2\log\hat\sigma`.
+  mapped back to t through :math:`\lambda = -\log\hat\sigma`
+  (log-SNR :math:`-2\log\hat\sigma`).
 
 ``"log_snr"`` and ``"karras"`` need a LinearSDE.
 """
@@ -147,19 +149,19 @@ def make_grid(sde: SDE, steps: int, schedule: str = "uniform", t_end: float | No
         t = t_end + (t_start - t_end) * (1.0 - u) ** 2
     elif schedule == "log_snr":
         lin = _need_linear(sde, schedule)
-        l0, l1 = lin._log_snr(torch.tensor([t_start, t_end], dtype=torch.float64)).tolist()
+        l0, l1 = lin.log_snr_unchecked(torch.tensor([t_start, t_end], dtype=torch.float64)).tolist()
         if not (math.isfinite(l0) and math.isfinite(l1)):
             raise ValueError(f"schedule='log_snr' needs a finite log-SNR at t_start and t_end; got {l0}, {l1}")
-        t = lin._t_of_log_snr(l0 + (l1 - l0) * u)
+        t = lin.t_of_log_snr_unchecked(l0 + (l1 - l0) * u)
     else:
         lin = _need_linear(sde, schedule)
         rho = check_float(rho, "rho", low=0.0, low_open=True)
-        l0, l1 = lin._log_snr(torch.tensor([t_start, t_end], dtype=torch.float64)).tolist()
+        l0, l1 = lin.log_snr_unchecked(torch.tensor([t_start, t_end], dtype=torch.float64)).tolist()
         if not (math.isfinite(l0) and math.isfinite(l1)):
             raise ValueError(f"schedule='karras' needs a finite log-SNR at t_start and t_end; got {l0}, {l1}")
         s_max, s_min = math.exp(-0.5 * l0), math.exp(-0.5 * l1)
         sig = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        t = lin._t_of_log_snr(-2.0 * torch.log(sig))
+        t = lin.t_of_log_snr_unchecked(-2.0 * torch.log(sig))
     t = t.clamp(0.0, sde.T)
     t[0], t[-1] = t_start, t_end  # exact end points despite round-off of the inverse
     if bool((t[1:] >= t[:-1]).any()):

@@ -112,6 +112,8 @@ class UniPC(ExponentialMultistep):
     and its corrector, which uses the same history nodes, follows (``stats["order_lowered_at"]``).
     """
 
+    #: an option here, unlike the other methods' class constant: UniPC-p is one method
+    #: family whose predictor order p (1, 2 or 3) the caller picks, as in the reference code
     order: int = 3
     variant: str = "bh1"
     use_corrector: bool = True

@@ -1,7 +1,8 @@
 """Shared test configuration.
 
-Hypothesis profiles (RELIABILITY.md section 4): ``ci`` is derandomized so that CI cannot
-flake, ``dev`` draws fresh random examples; choose with ``HYPOTHESIS_PROFILE=dev``.
+Hypothesis profiles (for the property tests listed in docs/reliability.md): ``ci`` is
+derandomized so that CI cannot flake, ``dev`` draws fresh random examples; choose with
+``HYPOTHESIS_PROFILE=dev``.
 
 The torch default dtype is left alone: tests pass ``dtype=torch.float64`` explicitly.
 Torch runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set (see below).
@@ -32,22 +33,10 @@ SDE_NAMES = ("vp", "subvp", "ve", "cosine", "edm", "rf", "discrete")
 
 
 def make_sde(name: str) -> scoresde.LinearSDE:
-    """A fresh built-in SDE with the parameters the tests use by default."""
-    if name == "vp":
-        return scoresde.VPSDE(beta_min=0.1, beta_max=20.0)
-    if name == "subvp":
-        return scoresde.SubVPSDE(beta_min=0.1, beta_max=20.0)
-    if name == "ve":
-        return scoresde.VESDE(sigma_min=0.01, sigma_max=50.0)
-    if name == "cosine":
-        return scoresde.CosineVPSDE()
-    if name == "edm":
-        return scoresde.EDMSDE(sigma_min=0.002, sigma_max=80.0)
-    if name == "rf":
-        return scoresde.RectifiedFlowSDE()
-    if name == "discrete":
-        return scoresde.DiscreteVPSDE(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
-    raise KeyError(name)
+    """A fresh built-in SDE with its default parameters (:func:`scoresde.make_sde`)."""
+    if name not in SDE_NAMES:
+        raise KeyError(name)
+    return scoresde.make_sde(name)
 
 
 @pytest.fixture(scope="session", params=SDE_NAMES)

@@ -1,4 +1,5 @@
-"""Exact Gaussian and Gaussian-mixture targets (issue 2, "Proof: Analytic"; RELIABILITY.md 4.3).
+"""Exact Gaussian and Gaussian-mixture targets, the exact answers every
+solver test compares against.
 
 The references here are computed independently of scoresde.analytic: densities with
 torch.distributions, posterior means with linalg.solve, scores by autograd.

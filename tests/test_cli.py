@@ -1,5 +1,6 @@
 """The ``scoresde`` command: train / sample / likelihood / validate, checkpoints, and long-run
-fault tolerance (issue 6; RELIABILITY.md section 2 rows 52-53, 58-65 and section 3).
+fault tolerance: seeds, bad checkpoints and output paths, interrupted and resumed runs (the
+command-line rows of docs/reliability.md).
 
 Most commands run in-process (``scoresde.cli.main``); the interruption tests kill a real
 ``python -m scoresde`` subprocess, and the distributed test launches two gloo processes with
@@ -294,7 +295,7 @@ def test_existing_output_needs_resume_or_overwrite(reference, ckpt, tmp_path, ca
 
 
 def test_seed_drawn_logged_recorded_and_reused(ckpt, tmp_path, capfd):
-    """No --seed: a random seed is printed and recorded in run.json (RELIABILITY row 52); an
+    """No --seed: a random seed is printed and recorded in run.json; an
     interrupted or resumed run reuses it, and --seed with that value reproduces the run."""
     out = tmp_path / "drawn"
     args = ["sample", "--checkpoint", ckpt, "-n", 9, "--steps", 3, "--block-size", 4]

@@ -1,4 +1,4 @@
-"""scoresde.data: toy 2-D sets and user arrays (issue 6).  Nothing is downloaded."""
+"""scoresde.data: toy 2-D sets and user arrays.  Nothing is downloaded."""
 from __future__ import annotations
 
 import math

@@ -1,5 +1,5 @@
-"""solvers.log_likelihood, encode and bits_per_dim proven against exact answers (issue 4;
-RELIABILITY.md rows 21-23, 29, 34, 37, 54-57 and section 4.3).  Float64 unless stated.
+"""solvers.log_likelihood, encode and bits_per_dim proven against exact answers, and
+the bad likelihood inputs of docs/reliability.md.  Float64 unless stated.
 
 Two references, and why.  The likelihood integrates the PF ODE from t_end to T and closes
 with the SDE's prior pi instead of the true terminal marginal p_T, so what it computes is the
@@ -304,7 +304,7 @@ def test_exact_trace_cost_warning():
 
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 def test_rank_agnostic(trace):
-    """[B, C, H, W] data give the same numbers as the flattened [B, C*H*W] data (RELIABILITY row 33)."""
+    """[B, C, H, W] data give the same numbers as the flattened [B, C*H*W] data."""
     g = torch.Generator().manual_seed(0)
     w = 0.2 * torch.randn(12, 12, generator=g, dtype=F64)
     net = lambda x, t: torch.tanh(x.reshape(x.shape[0], -1) @ w).reshape(x.shape)  # noqa: E731
@@ -521,8 +521,8 @@ def test_bad_data(x, exc, pattern):
 @given(t_end=st.one_of(st.floats(-10.0, 0.0), st.floats(1.0, 10.0)),
        tol=st.floats(-1.0, -1e-300, allow_subnormal=False))
 def test_invalid_t_end_and_tolerances_never_reach_the_net(t_end, tol):
-    """RELIABILITY 4.6: invalid input raises, names the argument, makes no network call and
-    leaves the input untouched."""
+    """Validation as a property: invalid input raises, names the argument, makes no network
+    call and leaves the input untouched."""
     model, x, calls = _model_and_x()
     x0 = x.clone()
     with pytest.raises(ValueError, match=r"t_end"):

@@ -1,4 +1,4 @@
-"""scoresde.losses: denoising score matching proven against the analytic minimum (issue 6).
+"""scoresde.losses: denoising score matching proven against the analytic minimum.
 
 For Gaussian data N(mu, C) (eigenvalues l_k) and x_t = alpha x0 + sigma eps, the best
 possible prediction of eps from x_t is E[eps | x_t], with residual covariance

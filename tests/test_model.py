@@ -1,5 +1,5 @@
 """ScoreModel: parameterisations, conversions, EDM preconditioning, time inputs, NFE,
-guidance, dtype (issue 2, "Proof: ScoreModel"; RELIABILITY.md section 4.2)."""
+guidance, dtype; the conversions between parameterisations checked as properties."""
 from __future__ import annotations
 
 import math

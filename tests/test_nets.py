@@ -1,4 +1,4 @@
-"""scoresde.nets: the reference MLP and U-Net, time embeddings, FixedBatch (issue 6)."""
+"""scoresde.nets: the reference MLP and U-Net, time embeddings, FixedBatch."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Noise sources (STYLE.md E7/E12; RELIABILITY.md rows 50-53).
+"""Noise sources, injected into the solvers: reproducible per sample, and statistically correct.
 
 GeneratorNoise: determinism, per-sample generators (sample j does not depend on the rest of
 the batch).  BrownianNoise: additivity of increments, standard normal output, Brownian

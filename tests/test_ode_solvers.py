@@ -1,5 +1,6 @@
-"""Deterministic (ODE) solvers proven against exact answers (issue 3, "Proof"; STYLE.md
-E11/E13; RELIABILITY.md 4.3-4.4).  Everything in float64.
+"""Deterministic (ODE) solvers proven against exact answers: fitted
+convergence orders, equivalences between implementations of the same method, interval
+splitting.  Everything in float64.
 
 Order.  On the exact Gaussian flow (d=4, mean != 0, covariance eigenvalues spread over two
 decades) under VP and VE: run a doubling ladder of step counts, fit log(max error) against
@@ -221,7 +222,7 @@ def test_pf_ode_fixed_grid_rk4_order_four():
     assert sol.nfe == 4 * 32
 
 
-# ------------------------------------------------------------------ equivalences (E13)
+# ------------------------------------------------------------------ equivalences of methods
 def _scale(x):
     return 1.0 + float(x.abs().max())
 
@@ -306,7 +307,7 @@ def _point_mass_exact(sde, x_T, t_end):
 def test_exponential_integrators_exact_for_point_mass(method, options, steps, schedule, sde_name):
     """Data = delta(mu): x0 (and eps along the flow) is constant, so DDIM / DPM-Solver /
     DPM-Solver++ reproduce the exact flow alpha(t_end) mu + sigma(t_end)/sigma(T) (x_T - alpha(T) mu)
-    for ANY steps, schedule and LinearSDE (RELIABILITY 4.3).  So does EDM's Heun: in the scaled
+    for ANY steps, schedule and LinearSDE.  So does EDM's Heun: in the scaled
     variables x/alpha, sigma/alpha that flow is a straight line, which Euler/Heun steps follow."""
     sde = make_sde(sde_name)
     model = _POINT.as_model(sde)
@@ -396,7 +397,7 @@ def test_fixed_allocation():
         solvers.sample(model, x_T, "dpm_solver_3", 4, allocation="fixed")
 
 
-# ------------------------------------------------------------------ interval splitting (RELIABILITY 4.4)
+# ------------------------------------------------------------------ interval splitting
 @pytest.mark.parametrize("method,options", [("euler", {}), ("ddim", {}), ("dpm_solver_1", {}),
                                             ("heun", {"last_step_euler": False}), ("dpm_solver_2", {}),
                                             ("dpm_solver_3", {}), ("dpmpp_2s", {})])
@@ -413,9 +414,9 @@ def test_one_step_methods_split_exactly(method, options):
 
 
 def test_multistep_split_restarts_the_history():
-    """Multistep methods carry no state between calls (STYLE E2): a second call starts its
-    history afresh (first-order step), so a split solve differs from the whole one at the
-    method's error level -- the documented behaviour."""
+    """Multistep methods carry no state between calls (the history is a value ``step``
+    returns): a second call starts its history afresh (first-order step), so a split solve
+    differs from the whole one at the method's error level -- the documented behaviour."""
     sde, model, x_T, exact = gaussian_problem("vp")
     ts = solvers.make_grid(sde, 16, "log_snr").t
     whole = solvers.sample(model, x_T, "dpmpp_2m", timesteps=ts)

@@ -1,5 +1,5 @@
-"""``solvers.sample``: accounting, determinism, shapes and bad input (issue 3 "Proof";
-STYLE.md E5-E8; RELIABILITY.md section 2 rows 1-20, 24, 28, 32-41, and 4.4-4.6).
+"""``solvers.sample``: accounting, determinism, shapes and bad input (the
+sampling rows of docs/reliability.md).
 
 Methods are discovered from ``solvers.available_methods()``: every fixed-step method (one
 whose ``expected_nfe`` is defined) is checked, stochastic ones with a seeded generator.
@@ -78,7 +78,7 @@ def test_discovery_sees_the_methods_of_this_layer():
     assert "pf_ode" in ADAPTIVE
 
 
-# ------------------------------------------------------------------ NFE accounting (E5)
+# ------------------------------------------------------------------ NFE accounting
 @pytest.mark.parametrize("method", FIXED)
 @pytest.mark.parametrize("steps", range(1, 7))
 def test_nfe_equals_expected_equals_counted(method, steps):
@@ -131,7 +131,7 @@ def test_same_seed_bitwise_same(method):
 
 @pytest.mark.parametrize("method", [m for m in FIXED if _stochastic(m)] + ["ddim"])
 def test_per_sample_generators_batch_independent(method):
-    """Sample i is bitwise the same alone, in its batch, or in another batch (RELIABILITY 4.5)."""
+    """Sample i is bitwise the same alone, in its batch, or in another batch."""
     options = {"eta": 1.0} if method == "ddim" else {}
     model, _, x = problem(batch=6)
     full = solvers.sample(model, x, method, 5, generator=[gen(100 + j) for j in range(6)], **options).x
@@ -182,8 +182,8 @@ def test_empty_batch_returns_at_once(method):
 
 @pytest.mark.parametrize("method", FIXED + ADAPTIVE)
 def test_zero_length_interval_returns_x_T(method):
-    """t_end == t_start (RELIABILITY row 5): x_T itself (a copy), nfe 0, success.  An explicit
-    ``timesteps=[t, t]`` is not the way to say it (not strictly decreasing, row 1)."""
+    """t_end == t_start: x_T itself (a copy), nfe 0, success.  An explicit
+    ``timesteps=[t, t]`` is not the way to say it (not strictly decreasing)."""
     model, net, x = problem()
     traj = method in TRAJ
     for kw in ({"t_end": model.sde.T}, {"t_start": 0.4, "t_end": 0.4}):
@@ -247,7 +247,7 @@ class Flatten:
 @pytest.mark.parametrize("method", FIXED)
 def test_any_rank(shape, method):
     """Rank-1 (scalar data), rank-4 (images) and rank-5 (video) states give the same numbers
-    as the flattened problem (RELIABILITY row 33)."""
+    as the flattened problem."""
     sde = scoresde.VPSDE()
     d = math.prod(shape[1:])
     tgt = scoresde.Gaussian(torch.linspace(-1, 1, d, dtype=F64), torch.linspace(0.05, 0.5, d, dtype=F64))
@@ -263,7 +263,7 @@ def test_any_rank(shape, method):
 
 @pytest.mark.parametrize("method", FIXED + ADAPTIVE)
 def test_float32_in_float32_out_close_to_float64(method):
-    """Same seed, float32 vs float64 (RELIABILITY 4.5): the output keeps the input dtype and
+    """Same seed, float32 vs float64: the output keeps the input dtype and
     tracks the float64 result to a few hundred eps(float32) (noise is drawn in float32 for every
     dtype, so stochastic methods are comparable too; adaptive ones differ by their tolerance)."""
     for sde in (scoresde.VPSDE(), scoresde.VESDE()):
@@ -284,7 +284,7 @@ def test_float16_state_keeps_dtype():
 
 
 def test_net_output_dtype_is_cast():
-    """RELIABILITY row 40: a net returning another dtype is cast to the state dtype."""
+    """A net returning another dtype is cast to the state dtype."""
     sde = scoresde.VPSDE()
     inner = TARGET.as_model(sde).net
     model = scoresde.ScoreModel(lambda x, t: inner(x, t).float(), sde, "eps")
@@ -296,7 +296,7 @@ def test_net_output_dtype_is_cast():
 
 @pytest.mark.parametrize("method", ALL)
 def test_x_T_requiring_grad(method):
-    """RELIABILITY row 37: every method returns a detached result (no autograd history from
+    """Every method returns a detached result (no autograd history from
     x_T, on the full path and on the trivial ones) and leaves x_T as it was."""
     model, _, x = problem()
     xg = x.clone().requires_grad_(True)
@@ -323,13 +323,13 @@ def test_method_as_instance_or_class():
 
 
 def test_solver_instance_is_reusable():
-    """Solvers are stateless (STYLE E2): one instance, two calls, identical results."""
+    """Solvers are stateless: one instance, two calls, identical results."""
     model, _, x = problem()
     s = solvers.get("dpmpp_3m")
     assert torch.equal(solvers.sample(model, x, s, 7).x, solvers.sample(model, x, s, 7).x)
 
 
-# ------------------------------------------------------------------ bad input (section 2, 4.6)
+# ------------------------------------------------------------------ bad input
 def _rejects(exc, match, *args, x=None, model_net=None, **kw):
     """The call raises ``exc`` matching ``match``, before any network evaluation, and leaves
     x_T untouched."""
@@ -458,7 +458,7 @@ def test_wrong_generator_list(method):
     _rejects(TypeError, r"generator must be a torch.Generator, a list of them", method, 5, generator="seed", **opts)
 
 
-# ------------------------------------------------------------------ the model misbehaves (rows 38, 39, 41)
+# ------------------------------------------------------------------ the model misbehaves
 class Faulty:
     """Exact net that misbehaves on its ``k``-th call (1-based)."""
 
@@ -544,7 +544,7 @@ def test_net_raising_is_reraised_with_a_note(method):
     assert any(want in n and "t=" in n for n in notes), notes
 
 
-# ------------------------------------------------------------------ pf_ode tolerances and limits (rows 21-24)
+# ------------------------------------------------------------------ pf_ode tolerances and limits
 def test_pf_ode_rtol_below_floor_warns_and_clamps():
     model, _, x = problem()
     with pytest.warns(RuntimeWarning, match=r"rtol=1e-20 is below 100\*eps\(torch.float64\)"):

@@ -1,4 +1,4 @@
-"""Properties of the forward processes (issue 2, "Proof"; RELIABILITY.md section 4.1).
+"""Properties of the forward processes, checked over random times and parameters.
 
 Everything in float64 with tight tolerances unless a test is about float32.
 """
@@ -186,7 +186,7 @@ def test_round_trip_discrete(b0, b1, n, fracs):
 
 
 def test_round_trip_float32_vp():
-    """float32 in, float32 out, within a few ulp (RELIABILITY.md: <= 2.4e-7 with expm1)."""
+    """float32 in, float32 out, within a few ulp (<= 2.4e-7 with expm1)."""
     sde = VPSDE()
     t = torch.cat([torch.logspace(-4, -1, 200), torch.linspace(0.1, 1.0, 200)]).to(torch.float32)
     lam = sde.log_snr(t)

@@ -1,4 +1,4 @@
-"""Time grids (issue 3, scope 1; RELIABILITY.md section 2 rows 1-8, 10 and section 4.1 "Time grids").
+"""Time grids: their properties, and the bad grids of docs/reliability.md.
 
 ``solvers.make_grid`` for every schedule under every built-in SDE, and the explicit
 ``timesteps=`` path of ``solvers.sample`` (validated before any network evaluation).
@@ -242,8 +242,8 @@ def test_any_valid_explicit_grid_is_used_as_given(n, seed):
 
 @given(n=st.integers(3, 30), seed=st.integers(0, 2 ** 31 - 1), bad=st.integers(1, 1000))
 def test_invalid_grid_property(n, seed, bad):
-    """RELIABILITY 4.6: a grid with a point moved out of order raises a ValueError naming
-    timesteps and the first offending index; nothing reaches the net; x_T is untouched."""
+    """Validation as a property: a grid with a point moved out of order raises a ValueError
+    naming timesteps and the first offending index; nothing reaches the net; x_T is untouched."""
     g = torch.Generator().manual_seed(seed)
     ts = torch.rand(n, generator=g, dtype=F64).sort(descending=True).values * 0.9 + 0.05
     j = 1 + bad % (n - 1)

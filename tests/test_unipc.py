@@ -1,6 +1,6 @@
 """UniPC (solvers/unipc.py): convergence order against the exact Gaussian flow, equivalences
 with DDIM / DPM-Solver-1 / DPM-Solver++(2M) and the exponential Adams weights, exactness for
-point-mass data, NFE accounting and option checks (issue 3, STYLE.md E11, E13).
+point-mass data, NFE accounting and option checks.
 
 Everything runs in float64.  The exact answer is ``Gaussian.flow``; the order is the slope
 of log(max error) against log(steps) fitted over the asymptotic range.
@@ -79,7 +79,7 @@ def test_order_interior_start(sde_name, opts):
     assert abs(order - expected) < 0.3, (order, expected, errs)
 
 
-# From T (x_T drawn from the exact marginal at T, issue 3's set-up).  For p = 1, 2 the fit
+# From T (x_T drawn from the exact marginal at T).  For p = 1, 2 the fit
 # is the declared order at once.
 @pytest.mark.parametrize("opts", [o for o in CONFIGS if o["order"] < 3], ids=_id)
 @pytest.mark.parametrize("sde_name", ["vp", "ve"])
@@ -124,7 +124,7 @@ def test_corrector_improves_at_equal_nfe(variant):
         assert err[True] < err[False], (p, err)
 
 
-# ------------------------------------------------------------------ equivalences (E13)
+# ------------------------------------------------------------------ equivalences of methods
 def _start(sde, n=6, seed=3):
     return _target().marginal(sde, sde.T).sample(n, generator=torch.Generator().manual_seed(seed))
 

@@ -1,6 +1,6 @@
 """Bad input gets a ValueError/TypeError whose message names the argument (and, where it
-applies, the value and the valid range) -- RELIABILITY.md section 2 (rows 3, 6, 28, 32,
-36, 39, 45-49), STYLE.md E8 -- and no invalid call reaches the network."""
+applies, the value and the valid range; the list is in docs/reliability.md), raised once at
+the boundary, and no invalid call reaches the network."""
 from __future__ import annotations
 
 import math
@@ -61,7 +61,7 @@ def _x_with_nans():
 
 # (id, callable, exception type, regex the message must match)
 CASES = [
-    # --- SDE parameters (rows 45, 46)
+    # --- SDE parameters
     ("vp_beta_min_gt_max", lambda: VPSDE(beta_min=5.0, beta_max=1.0), ValueError,
      r"beta_min must be <= beta_max.*beta_min=5.0.*beta_max=1.0"),
     ("vp_beta_min_zero", lambda: VPSDE(beta_min=0.0), ValueError, r"beta_min must be > 0"),
@@ -82,7 +82,7 @@ CASES = [
     ("cosine_T_zero", lambda: CosineVPSDE(T=0.0), ValueError, r"\bT must be > 0"),
     ("cosine_s_negative", lambda: CosineVPSDE(s=-0.01), ValueError, r"\bs must be >= 0"),
     ("rf_T_above_one", lambda: RectifiedFlowSDE(T=1.5), ValueError, r"\bT must be < 1"),
-    # --- DiscreteVPSDE (row 49)
+    # --- DiscreteVPSDE
     ("discrete_beta_above_one", lambda: DiscreteVPSDE(betas=[0.1, 1.2, 0.3]), ValueError,
      r"betas must lie in \(0, 1\); betas\[1\]=1\.2"),
     ("discrete_beta_zero", lambda: DiscreteVPSDE(betas=[0.1, 0.2, 0.0]), ValueError, r"betas\[2\]=0\.0"),
@@ -97,7 +97,7 @@ CASES = [
     ("discrete_betas_strings", lambda: DiscreteVPSDE(betas=["a", 0.1]), TypeError,
      r"betas must be a 1-d tensor or sequence of numbers"),
     ("discrete_2d", lambda: DiscreteVPSDE(betas=[[0.1, 0.2]]), ValueError, r"betas must be a non-empty 1-d"),
-    # --- times (rows 3, 6, 32)
+    # --- times
     ("t_above_T", lambda: _vp.alpha(1.5), ValueError, r"t=1\.5 is outside \[0, T\]=\[0, 1\] of VPSDE"),
     ("t_negative", lambda: _vp.sigma(torch.tensor([0.5, -0.1], dtype=F64)), ValueError,
      r"t=-0\.1 is outside \[0, T\].* of VPSDE"),
@@ -111,7 +111,7 @@ CASES = [
      r"t must be .*shape \[B\]=\[4\], got \[5\]"),
     ("lam_out_of_range", lambda: _vp.t_of_log_snr(-100.0), ValueError, r"lam must lie in \[log_snr\(T\), log_snr\(0\)\]"),
     ("lam_nan", lambda: _vp.t_of_log_snr(torch.tensor([NAN], dtype=F64)), ValueError, r"lam must not be NaN"),
-    # --- tensors (rows 28, 36)
+    # --- tensors
     ("marginal_int_x0", lambda: _vp.marginal(torch.zeros(4, 3, dtype=torch.int64), 0.5), TypeError,
      r"x0 must be floating point, got torch.int64"),
     ("prior_log_prob_int", lambda: _vp.prior_log_prob(torch.zeros(4, 3, dtype=torch.uint8)), TypeError,
@@ -179,7 +179,7 @@ CASES = [
      r"needs both cond and uncond"),
     ("as_model_callable_time_input", lambda: _gauss.as_model(_vp, "eps", time_input=lambda t: t), ValueError,
      r"time_input of an exact model must be one of"),
-    # --- integer options (rows 11, 13)
+    # --- integer options
     ("check_int_bool", lambda: check_int(True, "steps"), TypeError, r"steps must be an int, got True \(bool\)"),
     ("check_int_float", lambda: check_int(10.0, "steps"), TypeError, r"steps must be an int, got 10\.0 \(float\)"),
     ("check_int_str", lambda: check_int("10", "steps"), TypeError, r"steps must be an int, got '10' \(str\)"),

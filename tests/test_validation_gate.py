@@ -82,7 +82,7 @@ def test_ours_on_a_peer_map_respects_its_nfe_and_end():
     x = pe._start(prob, lam0, 16)
     run = pe.PeerRun(x, x, 8, lam0, 9.0, "flow0", math.inf)
     ts, te, den = pe.ours_map(run)
-    assert den and pe.lam_of_t(te) == pytest.approx(-2.0 * math.log(1e-2), abs=1e-8)
+    assert den and pe.log_snr_of_t(te) == pytest.approx(-2.0 * math.log(1e-2), abs=1e-8)
     ref = pe.RefCache().get(prob, run)
     seen, errors = set(), []
     for name, opts, sch in pe.OURS:

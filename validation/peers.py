@@ -2,15 +2,15 @@ r"""Peers, side by side (optional ``bench`` extra): diffusers schedulers and k-d
 on the same exact problems, with their conventions converted exactly.
 
 **One map per peer run.**  The probability-flow ODE between two noise levels depends only on
-their log-SNRs :math:`\lambda = \log(\alpha^2/\sigma^2)`, not on the SDE that parameterises
-time.  Every peer run is therefore described by the map it actually computes, read from the
-peer's own arrays after ``set_timesteps`` / from its sigma grid:
+their log-SNRs :math:`\log(\alpha^2/\sigma^2)` (``log_snr``, twice :math:`\lambda = \log(\alpha/\sigma)`),
+not on the SDE that parameterises time.  Every peer run is therefore described by the map it
+actually computes, read from the peer's own arrays after ``set_timesteps`` / from its sigma grid:
 
-- ``lam_start``: the noise level of the state it starts from (its first timestep);
+- ``log_snr_start``: the noise level of the state it starts from (its first timestep);
 - an end: ``"denoise"`` (its last step jumps to sigma = 0 with a first-order step, i.e. it
-  returns the Tweedie estimate :math:`\hat x_0` at the last evaluated level ``lam_last``),
+  returns the Tweedie estimate :math:`\hat x_0` at the last evaluated level ``log_snr_last``),
   ``"flow0"`` (a higher-order step to sigma = 0: the flow to the data end, approximated by
-  sigma/alpha = 1e-7) or ``"sigma"`` (it stops at ``lam_end`` > -inf).
+  sigma/alpha = 1e-7) or ``"sigma"`` (it stops at ``log_snr_end`` > -inf).
 
 The reference is the exact map for that run (closed-form flow for the Gaussian, a chain of
 tight pf_ode solves for the mixtures) on a continuous VP SDE (``REF_SDE``) at the same
@@ -58,11 +58,11 @@ COMPARE_NFE = (5, 6, 8, 10, 15, 20, 50)
 ORDER_NFE = (10, 14, 20, 28, 40, 56, 80, 113, 160)
 
 
-def t_of_lam(lam: float) -> float:
-    return float(REF_SDE.t_of_log_snr(torch.tensor(lam, dtype=F64)))
+def t_of_log_snr(log_snr: float) -> float:
+    return float(REF_SDE.t_of_log_snr(torch.tensor(log_snr, dtype=F64)))
 
 
-def lam_of_t(t: float) -> float:
+def log_snr_of_t(t: float) -> float:
     return float(REF_SDE.log_snr(torch.tensor(t, dtype=F64)))
 
 
@@ -71,10 +71,10 @@ class PeerRun:
     x: torch.Tensor          # output, VP scale (data scale after a denoise/flow0 end)
     x_start: torch.Tensor    # the VP-scale start samples
     nfe: int
-    lam_start: float
-    lam_last: float          # noise level of the last evaluation
+    log_snr_start: float
+    log_snr_last: float      # noise level of the last evaluation
     end: str                 # "denoise" | "flow0" | "sigma"
-    lam_end: float           # where the map ends ("sigma"), else +inf
+    log_snr_end: float       # where the map ends ("sigma"), else +inf
     seconds: float = 0.0
 
 
@@ -103,21 +103,21 @@ class ExactVP:
     def __init__(self, problem: Problem):
         self.target = problem.target
         self.calls = 0
-        self.lams: list[float] = []
+        self.log_snrs: list[float] = []
 
-    def eps(self, x_vp: torch.Tensor, lam: float) -> torch.Tensor:
+    def eps(self, x_vp: torch.Tensor, log_snr: float) -> torch.Tensor:
         self.calls += 1
-        self.lams.append(lam)
-        return self.target.eps(x_vp, t_of_lam(lam), REF_SDE)
+        self.log_snrs.append(log_snr)
+        return self.target.eps(x_vp, t_of_log_snr(log_snr), REF_SDE)
 
-    def x0(self, x_vp: torch.Tensor, lam: float) -> torch.Tensor:
+    def x0(self, x_vp: torch.Tensor, log_snr: float) -> torch.Tensor:
         self.calls += 1
-        self.lams.append(lam)
-        return self.target.x0(x_vp, t_of_lam(lam), REF_SDE)
+        self.log_snrs.append(log_snr)
+        return self.target.x0(x_vp, t_of_log_snr(log_snr), REF_SDE)
 
 
-def _start(problem: Problem, lam: float, n: int | None = None) -> torch.Tensor:
-    return start_samples(problem, REF_SDE, t_start=t_of_lam(lam), n=n, seed=41)
+def _start(problem: Problem, log_snr: float, n: int | None = None) -> torch.Tensor:
+    return start_samples(problem, REF_SDE, t_start=t_of_log_snr(log_snr), n=n, seed=41)
 
 
 @contextmanager
@@ -150,7 +150,7 @@ def _diffusers_runner(cls_name: str, kwargs: dict, sigma_state: bool, check_kwar
         sig = getattr(sched, "sigmas", None)
         sig = [float(s) for s in sig] if sig is not None and len(sig) >= len(sched.timesteps) else None
 
-        def lam_of(i: int, tau: float) -> float:
+        def log_snr_of(i: int, tau: float) -> float:
             """The noise level of the i-th evaluation: the scheduler's own sigma for that step
             where it has one, else alphas_cumprod at the (integer) timestep."""
             if sig is not None and sig[i] > 0:
@@ -162,16 +162,16 @@ def _diffusers_runner(cls_name: str, kwargs: dict, sigma_state: bool, check_kwar
             return float(dsde.log_snr(torch.tensor((k + 1) / dsde.num_steps, dtype=F64)))
 
         taus = [float(t) for t in sched.timesteps.tolist()]
-        lam0 = lam_of(0, taus[0])
+        log_snr0 = log_snr_of(0, taus[0])
         # the end: sigma = 0 after the last step (sigmas[-1] = 0, or DDIM's final alpha 1)
         if sig is not None:
             s_final = sig[-1]
         else:
             fa = float(getattr(sched, "final_alpha_cumprod", torch.tensor(1.0)))
             s_final = math.sqrt(max(1.0 - fa, 0.0) / fa)
-        x_vp0 = _start(problem, lam0, samples)
+        x_vp0 = _start(problem, log_snr0, samples)
         exact = ExactVP(problem)
-        state = x_vp0 * math.sqrt(1.0 + math.exp(-lam0)) if sigma_state else x_vp0.clone()
+        state = x_vp0 * math.sqrt(1.0 + math.exp(-log_snr0)) if sigma_state else x_vp0.clone()
         t0 = time.perf_counter()
         with torch.no_grad():
             for i, tau in enumerate(sched.timesteps):
@@ -180,17 +180,17 @@ def _diffusers_runner(cls_name: str, kwargs: dict, sigma_state: bool, check_kwar
                     exact.calls += 1
                     eps = net(x_in, tau.reshape(1).expand(x_in.shape[0]))
                 else:
-                    eps = exact.eps(x_in, lam_of(i, taus[i]))
+                    eps = exact.eps(x_in, log_snr_of(i, taus[i]))
                 state = sched.step(eps, tau, state).prev_sample
         secs = time.perf_counter() - t0 + t_set
-        lam_last = exact.lams[-1] if exact.lams else lam0
+        log_snr_last = exact.log_snrs[-1] if exact.log_snrs else log_snr0
         if s_final == 0.0:
-            end, lam_end, x_out = "denoise", math.inf, state
+            end, log_snr_end, x_out = "denoise", math.inf, state
         else:
-            lam_end = -2.0 * math.log(s_final)
+            log_snr_end = -2.0 * math.log(s_final)
             end = "sigma"
-            x_out = state / math.sqrt(1.0 + math.exp(-lam_end)) if sigma_state else state
-        return PeerRun(x_out.to(F64), x_vp0, exact.calls, lam0, lam_last, end, lam_end, secs)
+            x_out = state / math.sqrt(1.0 + math.exp(-log_snr_end)) if sigma_state else state
+        return PeerRun(x_out.to(F64), x_vp0, exact.calls, log_snr0, log_snr_last, end, log_snr_end, secs)
 
     return run
 
@@ -205,9 +205,9 @@ def load_kdiffusion():
 
 def kd_sigma_range() -> tuple[float, float]:
     vp = scoresde.VPSDE()
-    lam_max = float(vp.log_snr(torch.tensor(vp.T, dtype=F64)))
-    lam_min = float(vp.log_snr(torch.tensor(end_time(vp), dtype=F64)))
-    return math.exp(-0.5 * lam_min), math.exp(-0.5 * lam_max)
+    log_snr_max = float(vp.log_snr(torch.tensor(vp.T, dtype=F64)))
+    log_snr_min = float(vp.log_snr(torch.tensor(end_time(vp), dtype=F64)))
+    return math.exp(-0.5 * log_snr_min), math.exp(-0.5 * log_snr_max)
 
 
 def _kd_runner(fn_name: str, end: str, fast: bool = False, **fn_kwargs):
@@ -228,15 +228,15 @@ def _kd_runner(fn_name: str, end: str, fast: bool = False, **fn_kwargs):
         # float64 grids for the float64 accuracy runs; the overhead runs (a float32 net) keep float32
         with default_dtype(F64 if net is None else torch.float32):
             if fast:
-                lam0, lam_end = -2.0 * math.log(s_max), -2.0 * math.log(s_min)
+                log_snr0, log_snr_end = -2.0 * math.log(s_max), -2.0 * math.log(s_min)
                 t_set = 0.0
             else:
                 t_set = time.perf_counter()
                 sigmas = kd.get_sigmas_karras(n, s_min, s_max, rho=7.0)
                 t_set = time.perf_counter() - t_set
-                lam0 = -2.0 * math.log(float(sigmas[0]))
-            x_vp0 = _start(problem, lam0, samples)
-            x = x_vp0 * math.sqrt(1.0 + math.exp(-lam0))
+                log_snr0 = -2.0 * math.log(float(sigmas[0]))
+            x_vp0 = _start(problem, log_snr0, samples)
+            x = x_vp0 * math.sqrt(1.0 + math.exp(-log_snr0))
             t0 = time.perf_counter()
             with torch.no_grad():
                 if fast:
@@ -244,11 +244,11 @@ def _kd_runner(fn_name: str, end: str, fast: bool = False, **fn_kwargs):
                 else:
                     out = getattr(kd, fn_name)(denoiser, x, sigmas, disable=True, **fn_kwargs)
             secs = time.perf_counter() - t0 + t_set
-        lam_last = exact.lams[-1] if exact.lams else lam0
+        log_snr_last = exact.log_snrs[-1] if exact.log_snrs else log_snr0
         if fast:
-            return PeerRun(out / math.sqrt(1.0 + math.exp(-lam_end)), x_vp0, exact.calls, lam0, lam_last,
-                           "sigma", lam_end, secs)
-        return PeerRun(out, x_vp0, exact.calls, lam0, lam_last, end, math.inf, secs)
+            return PeerRun(out / math.sqrt(1.0 + math.exp(-log_snr_end)), x_vp0, exact.calls, log_snr0,
+                           log_snr_last, "sigma", log_snr_end, secs)
+        return PeerRun(out, x_vp0, exact.calls, log_snr0, log_snr_last, end, math.inf, secs)
 
     return run
 
@@ -301,12 +301,12 @@ def available_peers() -> tuple[list[Peer], list[str]]:
 # ---------------------------------------------------------------- reference and ours
 def map_times(run: PeerRun) -> tuple[float, float, bool]:
     """(t_start, t_end, denoise) of the run's map on REF_SDE."""
-    ts = t_of_lam(run.lam_start)
+    ts = t_of_log_snr(run.log_snr_start)
     if run.end == "denoise":
-        return ts, t_of_lam(run.lam_last), True
+        return ts, t_of_log_snr(run.log_snr_last), True
     if run.end == "flow0":
-        return ts, t_of_lam(-2.0 * math.log(SIGMA_ZERO)), False
-    return ts, t_of_lam(run.lam_end), False
+        return ts, t_of_log_snr(-2.0 * math.log(SIGMA_ZERO)), False
+    return ts, t_of_log_snr(run.log_snr_end), False
 
 
 class RefCache:
@@ -360,7 +360,7 @@ def ours_map(run: PeerRun) -> tuple[float, float, bool]:
     same at every NFE; the reference stays the peer's map to sigma/alpha = 1e-7."""
     ts, te, den = map_times(run)
     if run.end == "flow0":
-        return ts, t_of_lam(-2.0 * math.log(END_NOISE)), True
+        return ts, t_of_log_snr(-2.0 * math.log(END_NOISE)), True
     return ts, te, den
 
 
@@ -531,7 +531,7 @@ def compare(peer: Peer, problem: Problem, refs: RefCache, nfes=COMPARE_NFE) -> d
         _, our_te, our_den = ours_map(run)
         rows.append(dict(target_nfe=target, nfe=run.nfe, peer_error=e_peer, ours=ours, best=best[0],
                          best_error=best[1]["error"],
-                         map=dict(lam_start=run.lam_start, lam_last=run.lam_last, end=run.end,
-                                  lam_end=run.lam_end, t_start=ts, t_end=te, denoise=den),
+                         map=dict(log_snr_start=run.log_snr_start, log_snr_last=run.log_snr_last, end=run.end,
+                                  log_snr_end=run.log_snr_end, t_start=ts, t_end=te, denoise=den),
                          ours_end=dict(t_end=our_te, denoise=our_den)))
     return dict(peer=peer.name, family=peer.family, problem=problem.name, rows=rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -18,14 +19,8 @@ import solvers
 
 F64 = torch.float64
 
-SDES = {
-    "vp": lambda: scoresde.VPSDE(),
-    "subvp": lambda: scoresde.SubVPSDE(),
-    "ve": lambda: scoresde.VESDE(sigma_min=0.01, sigma_max=50.0),
-    "cosine": lambda: scoresde.CosineVPSDE(),
-    "edm": lambda: scoresde.EDMSDE(),
-    "rf": lambda: scoresde.RectifiedFlowSDE(),
-}
+#: the SDEs of the suite by short name, each a constructor of the SDE with its default parameters
+SDES = {name: partial(scoresde.make_sde, name) for name in ("vp", "subvp", "ve", "cosine", "edm", "rf")}
 
 #: sigma/alpha at the data end of every problem
 END_NOISE = 1e-2

@@ -779,7 +779,7 @@ def write_markdown(results: dict, out: Path, plots: dict | bool = False) -> None
                                  f"{d['best_peer_error'] / d['ours_on_it']:.2f}",
                                  f"{d['worst_ratio']:.2f} ({d['worst_peer']})",
                                  f"{d['best_peer_error'] / d['ours_standard']:.2f} ({d['ours_standard_method']})"])
-                a("**Targets** (issue 5: our best <= the best peer at every NFE in {5, 6, 8, 10, 15, 20, 50}, "
+                a("**Targets** (our best <= the best peer at every NFE in {5, 6, 8, 10, 15, 20, 50}, "
                   "and 1.5x smaller at NFE 10). Ratio = peer error / our best error on the peer's own map; "
                   "< 1 means we are behind.\n")
                 a(md_table(["problem", "NFE", "best verified peer", "ours on its map", "ratio",
@@ -829,7 +829,7 @@ def write_markdown(results: dict, out: Path, plots: dict | bool = False) -> None
       "near a mode boundary carry most of the error, a fit on a few dozen samples can lose to a standard "
       "grid (`tests/test_calibrate.py`; use a hundred or more).")
     a("- Euler is fitted on a uniform-t grid with 64..512 steps (its asymptotic range); DDIM and "
-      "DPM-Solver-1 are the same method (E13).")
+      "DPM-Solver-1 are the same method (checked equal to rounding in `tests/test_ode_solvers.py`).")
     a("- All numbers are in results.json (`deterministic[].sweep_*`, `ladder_*`, `nfe_to`, `grids`, "
       "`weak`, `sliced_wasserstein`, `likelihood`, `peers`).")
     (out / "report.md").write_text("\n".join(L) + "\n")
