@@ -69,7 +69,7 @@ from solvers.likelihood import _Problem, _default_chunk
 from solvers.ode import pf_ode_drift
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import MLP  # noqa: E402  (the benchmarks' one network, benchmarks/overhead.py)
+from validation.peers import MLP  # noqa: E402  (the benchmarks' one network)
 
 DT = torch.float64
 

@@ -24,25 +24,14 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 import scoresde
 import solvers
+from validation.peers import MLP  # the one benchmark network (also timed in the validation report)
 
 FIXED = ["euler", "heun", "ddim", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m",
          "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc", "euler_maruyama", "reverse_diffusion",
          "ancestral", "pc"]
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int, width: int = 256):
-        super().__init__()
-        self.inp = nn.Linear(d + 1, width)
-        self.body = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
-        self.out = nn.Linear(width, d)
-
-    def forward(self, x, t):
-        return self.out(self.body(self.inp(torch.cat([x, t[:, None]], dim=1))))
 
 
 def sync(device):

@@ -50,14 +50,20 @@ def check_floating(x: Any, name: str = "x") -> Tensor:
     return x
 
 
-def _bad_sample_list(bad: Tensor) -> str:
-    if bad.ndim == 0:
-        return ""
+def sample_list(idx: list[int], limit: int = 10) -> str:
+    """``"samples [i, j, ...]"`` for a message: the first ``limit`` indices, then the count."""
+    more = "" if len(idx) <= limit else f", ... ({len(idx)} samples)"
+    return f"samples {idx[:limit]}{more}"
+
+
+def bad_samples(bad: Tensor) -> list[int]:
+    """Indices of the samples (rows) with any True entry in ``bad`` (shaped ``[B, ...]``)."""
     per_sample = bad.reshape(bad.shape[0], -1).any(dim=1) if bad.ndim > 1 else bad
-    idx = torch.nonzero(per_sample).flatten().tolist()
-    shown = idx[:10]
-    more = "" if len(idx) <= 10 else f", ... ({len(idx)} samples)"
-    return f" (samples {shown}{more})"
+    return torch.nonzero(per_sample).flatten().tolist()
+
+
+def _bad_sample_list(bad: Tensor) -> str:
+    return "" if bad.ndim == 0 else f" ({sample_list(bad_samples(bad))})"
 
 
 def check_finite_tensor(x: Tensor, name: str = "x") -> Tensor:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import check_int
+from ._checks import bad_samples, check_int, sample_list
 from .analytic import GaussianMixture
 
 __all__ = ["TOY_DATASETS", "toy_sample", "toy_density", "gmm_target", "eight_gaussians_target",
@@ -253,9 +253,7 @@ def load_array(path: str | os.PathLike, key: str | None = None, dtype: torch.dty
                          f"data in {path} have an empty sample shape {list(x.shape[1:])}")
     bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     if bool(bad.any()):
-        idx = torch.nonzero(bad).flatten().tolist()
-        raise ValueError(f"data in {path} has non-finite values in samples {idx[:10]}"
-                         f"{' ...' if len(idx) > 10 else ''}")
+        raise ValueError(f"data in {path} has non-finite values in {sample_list(bad_samples(bad))}")
     if dtype is not None:
         x = x.to(dtype)
     elif x.dtype not in (torch.float32, torch.float64):

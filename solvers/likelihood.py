@@ -120,7 +120,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from scoresde._checks import check_batch_tensor, check_float, check_floating, check_int
+from scoresde._checks import check_batch_tensor, check_float, check_floating, check_int, sample_list
 from scoresde.model import ScoreModel
 from scoresde.sde import SDE
 
@@ -433,8 +433,7 @@ class _Problem:
             if not bool(ok.all()):
                 idx = torch.nonzero(~ok).flatten().tolist()
                 raise _NonFinite(idx, f"the probability-flow drift or its divergence is non-finite at "
-                                      f"evaluation {count['evals']}, t={float(t64):.6g}, samples {idx[:10]}"
-                                      f"{' ...' if len(idx) > 10 else ''}")
+                                      f"evaluation {count['evals']}, t={float(t64):.6g}, {sample_list(idx)}")
             return v, div
 
         def on_attempt(t0, y0, dt) -> None:
@@ -604,7 +603,7 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
         if on_failure == "raise":
             res = finish()
             cls = NonFiniteError if kind == "nonfinite" else SolverError
-            raise cls(f"log_likelihood failed for samples {idx[:10]}{' ...' if len(idx) > 10 else ''} "
+            raise cls(f"log_likelihood failed for {sample_list(idx)} "
                       f"({kind}): {msg}; nfe={res.nfe}. Pass on_failure='record' to keep the other samples",
                       nfe=res.nfe, status=res.status, partial=res) from err
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from scoresde._checks import append_dims, check_float, check_int
+from scoresde._checks import append_dims, check_float, check_int, sample_list
 from scoresde.model import ScoreModel
 from scoresde.sde import SDE, LinearSDE
 
@@ -516,7 +516,7 @@ class AdaptiveSDE(Solver):
             bad = torch.nonzero(status >= _DTMIN).flatten().tolist()
             last_dt = float(h[bad].min())
             t_reached = float(t[bad].max())
-            msg = (f"adaptive_sde: {name.replace('_', ' ')} for samples {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+            msg = (f"adaptive_sde: {name.replace('_', ' ')} for {sample_list(bad)} "
                    f"at t={t_reached:.6g} (t_end={t_end:.6g}); last dt={last_dt:.3g}, dt_min={dt_min:.3g}, "
                    f"rtol={rtol:g}, atol={atol:g}, iterations={it}, nfe={model.nfe - nfe0}")
             partial = finish(name, msg)

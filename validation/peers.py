@@ -415,7 +415,8 @@ def ours_on_map(problem: Problem, run: PeerRun, name: str, opts: dict, nfe: int,
 
 # ------------------------------------------------------------------------ overhead
 class MLP(torch.nn.Module):
-    """The overhead benchmark's network (benchmarks/overhead.py), eps prediction."""
+    """The overhead benchmark's network (here and in ``benchmarks/``): width 256, 3 hidden layers,
+    SiLU, seeded weights; eps prediction."""
 
     def __init__(self, d: int, width: int = 256):
         super().__init__()

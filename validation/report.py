@@ -7,7 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .problems import SDES, end_time
+from .deterministic import GRID_METHODS
+from .metrics import ROUNDOFF_FLOOR
+from .peers import CALIBRATION_SAMPLES, CALIBRATION_SEED, SIGMA_ZERO
+from .problems import END_NOISE, REF_TOL, SDES, end_time
+from .stochastic import ADAPTIVE_TOLS
 
 SDE_ORDER = list(SDES)
 PROBLEM_LABEL = {
@@ -16,6 +20,10 @@ PROBLEM_LABEL = {
     "mixture64": "d=64 diagonal mixture",
     "mixture3072": "d=3072 diagonal mixture",
 }
+#: the problem with a closed-form flow (its orders are gated from below only)
+EXACT_PROBLEM = "gaussian"
+#: the peer targets: our best error this many times smaller than the best peer's at this NFE
+TARGET_MARGIN, TARGET_MARGIN_NFE = 1.5, 10
 DPI = 80
 
 
@@ -337,7 +345,8 @@ def overhead_table(results: dict) -> str | None:
         if ours and peers:
             worst[c] = (max(ours), min(peers))
     note = "; ".join(f"{c}: our worst {a:.3f} vs the best peer {b:.3f}" for c, (a, b) in worst.items())
-    return md_table(hdr, out) + f"\n\nd = 64, float32, 1 thread, NFE 20, medians. {note}."
+    nfe = "/".join(str(n) for n in sorted({r["nfe"] for r in rows}))
+    return md_table(hdr, out) + f"\n\nfloat32, single-threaded, NFE {nfe}, medians. {note}."
 
 
 # -------------------------------------------------------------------------- console
@@ -349,14 +358,10 @@ def console(results: dict, stream) -> None:
         for r in results["analytic"]:
             w(f"  {r['sde']:7s} t_end {r['t_end']:.3g}  t_of_log_snr {r['t_of_log_snr_rel_err']:.1e}  "
               f"score vs autograd {r['score_vs_autograd']:.1e}  flow round trip {r['flow_roundtrip_rel']:.1e}")
-    for p in ("gaussian", "mixture2d", "mixture64"):
-        t = order_table(results, p)
-        if t:
-            w(f"\nFitted order, {PROBLEM_LABEL[p]}:\n{t}")
-    for p in ("mixture2d", "mixture64", "mixture3072"):
-        t = nfe_table(results, p)
-        if t:
-            w(f"\nNFE to reach RMS error 1e-3, {PROBLEM_LABEL[p]}:\n{t}")
+    for p in _ladder_problems(results):
+        w(f"\nFitted order, {_label(p)}:\n{order_table(results, p)}")
+    for p in _problems(results["deterministic"], exclude=(EXACT_PROBLEM,)):
+        w(f"\nNFE to reach RMS error 1e-3, {_label(p)}:\n{nfe_table(results, p)}")
     if results["grids"]:
         w(f"\nTime grids (2-D mixture), error at 20 NFE / NFE to 1e-3 (best in bold):\n{grid_table(results)}")
     if results["weak"]:
@@ -374,10 +379,8 @@ def console(results: dict, stream) -> None:
         w(f"\nLikelihood:\n{lik_table(results)}")
     if results["peers"]["orders"]:
         w(f"\nPeer adapters:\n{peer_order_table(results)}")
-        for p in ("mixture2d", "mixture64"):
-            t = peer_compare_table(results, p)
-            if t:
-                w(f"\nPeers vs ours on each peer's own map, {PROBLEM_LABEL[p]}:\n{t}")
+        for p in _problems(results["peers"]["compare"]):
+            w(f"\nPeers vs ours on each peer's own map, {_label(p)}:\n{peer_compare_table(results, p)}")
     for m in results["peers"].get("missing", []):
         w(f"peers not run: {m}")
     for n in results["notes"]:
@@ -454,7 +457,7 @@ def plot_det(results: dict, problem: str, path: Path) -> bool:
         ax.legend(fontsize=5.5, ncol=2, loc="lower left")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"{PROBLEM_LABEL[problem]}: error vs NFE (legend: fitted order on the ladder; dotted: slopes 1-4)",
+    fig.suptitle(f"{_label(problem)}: error vs NFE (legend: fitted order on the ladder; dotted: slopes 1-4)",
                  fontsize=9)
     fig.tight_layout()
     _save(fig, path)
@@ -609,7 +612,7 @@ def plot_peers(results: dict, problem: str, path: Path) -> bool:
         ax.set_xlabel("NFE", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=5, ncol=2)
-    fig.suptitle(f"Peers on the {PROBLEM_LABEL[problem]}", fontsize=9)
+    fig.suptitle(f"Peers on the {_label(problem)}", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     return True
@@ -617,219 +620,417 @@ def plot_peers(results: dict, problem: str, path: Path) -> bool:
 
 # ---------------------------------------------------------------------------- write
 def write(results: dict, store: dict, problems, out: Path) -> None:
+    """report.md with every plot the results allow (``problems``: the suite's, for the 2-D scatter)."""
     plots = {}
-    for p in ("gaussian", "mixture2d", "mixture64", "mixture3072"):
-        if plot_det(results, p, out / f"det_{p}.png"):
-            plots[f"det_{p}"] = f"det_{p}.png"
-    for m in ("euler", "heun", "dpmpp_2m"):
-        if plot_grids(results, m, out / f"grids_{m}.png"):
-            plots[f"grids_{m}"] = f"grids_{m}.png"
-    if plot_stoch(results, out / "stochastic.png"):
-        plots["stochastic"] = "stochastic.png"
-    if plot_scatter(store, problems, out / "samples_2d.png"):
-        plots["samples_2d"] = "samples_2d.png"
-    if plot_lik(results, out / "likelihood.png"):
-        plots["likelihood"] = "likelihood.png"
-    for p in ("mixture2d", "mixture64"):
-        if plot_peers(results, p, out / f"peers_{p}.png"):
-            plots[f"peers_{p}"] = f"peers_{p}.png"
+
+    def add(key: str, draw, *args) -> None:
+        if draw(*args, out / f"{key}.png"):
+            plots[key] = f"{key}.png"
+
+    for p in _problems(results["deterministic"]):
+        add(f"det_{p}", plot_det, results, p)
+    for m in GRID_METHODS:
+        add(f"grids_{m}", plot_grids, results, m)
+    add("stochastic", plot_stoch, results)
+    add("samples_2d", plot_scatter, store, problems)
+    add("likelihood", plot_lik, results)
+    for p in _problems(results["peers"]["compare"]):
+        add(f"peers_{p}", plot_peers, results, p)
     write_markdown(results, out, plots=plots)
 
 
 def write_markdown(results: dict, out: Path, plots: dict | bool = False) -> None:
-    from .deterministic import METHODS  # noqa: F401
+    (out / "report.md").write_text(render_markdown(results, plots or {}))
 
-    plots = plots or {}
-    L = []
-    a = L.append
+
+def render_markdown(results: dict, plots: dict) -> str:
+    """The report: each of ``SECTIONS`` in turn (a section with nothing to say returns "")."""
+    parts = [section(results, plots) for section in SECTIONS]
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def _problems(rows, *, exclude=()) -> list[str]:
+    """The problems of ``rows``, in the order of ``PROBLEM_LABEL`` (others after, as they appear)."""
+    present = dict.fromkeys(r["problem"] for r in rows)
+    known = [p for p in PROBLEM_LABEL if p in present]
+    return [p for p in known + [p for p in present if p not in PROBLEM_LABEL] if p not in exclude]
+
+
+def _label(problem: str) -> str:
+    return PROBLEM_LABEL.get(problem, problem)
+
+
+def _tables(results: dict, problems, table) -> list[str]:
+    """``**problem label**`` and ``table(results, p)`` for each problem that has one."""
+    out = []
+    for p in problems:
+        t = table(results, p)
+        if t:
+            out.append(f"**{_label(p)}**\n\n{t}\n")
+    return out
+
+
+def _span(values, spec=".2f") -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, spec) if format(lo, spec) == format(hi, spec) else f"{lo:{spec}} to {hi:{spec}}"
+
+
+def _ladder_problems(results: dict) -> list[str]:
+    return _problems([r for r in results["deterministic"] if "fitted" in r])
+
+
+def _at_nfe(nfes, errors, n):
+    """The error at the largest NFE made at or below ``n`` (None if none)."""
+    d = dict(zip(nfes, errors))
+    ks = [k for k in d if k <= n]
+    return d[max(ks)] if ks else None
+
+
+# ---------------------------------------------------------------------- sections
+def header_section(results: dict, plots: dict) -> str:
     fails = results["failures"]
-    a("# scoresde validation report\n")
-    a(f"Tier: **{results['tier']}** ({results['seconds']:.0f} s, torch {results['torch']}); "
-      f"regenerate with `python -m validation {'--full ' if results['tier'] == 'full' else ''}--out <folder>`.\n")
-    a(f"**Verdict: {'FAIL' if fails else 'PASS'}**" + (f" ({len(fails)} failures)" if fails else "") + "\n")
-    for f in fails:
-        a(f"- {f}")
-    if fails:
-        a("")
-    for n in results["notes"]:
-        a(f"> Note: {n}\n")
-    a("## Setup\n")
-    a("Every solver starts from exact samples of the marginal at T and stops at `t_end`, where "
-      "sigma/alpha = 0.01 (VE: its default 1e-5, sigma_min = 0.01), in float64. Error = RMS per "
-      "coordinate against the exact probability-flow map (Gaussian: closed form) or a tight "
-      "pf_ode reference (mixtures: dopri8, rtol = atol = 1e-11; its own accuracy, against a 10x "
-      "looser solve, is listed below). Orders are fitted on a doubling ladder of steps (last three "
-      "points above 1e-10); NFE-to-reach values interpolate the error-vs-NFE sweep on the log-log "
-      "curve (NFE 5 to 200, each method with its default grid and options).\n")
-    a(md_table(["sde", "T", "t_end"], [[k, fmt(SDES[k]().T, ".4g"), fmt(v, ".4g")]
-                                       for k, v in results["t_end"].items()]) + "\n")
+    full = "--full " if results["tier"] == "full" else ""
+    L = ["# scoresde validation report\n",
+         f"Tier: **{results['tier']}** ({results['seconds']:.0f} s, torch {results['torch']}); "
+         f"regenerate with `python -m validation {full}--out <folder>`.\n",
+         f"**Verdict: {'FAIL' if fails else 'PASS'}**" + (f" ({len(fails)} failures)" if fails else "") + "\n"]
+    L += [f"- {f}" for f in fails] + ([""] if fails else [])
+    L += [f"> Note: {n}\n" for n in results["notes"]]
+    return "\n".join(L)
+
+
+def setup_section(results: dict, plots: dict) -> str:
+    t_end = results["t_end"]
+    sweep = sorted({n for r in results["deterministic"] for n in r["sweep_nfe"]})
+    ve = f" (VE: its default t_end {t_end['ve']:g})" if "ve" in t_end else ""
+    L = ["## Setup\n",
+         f"Every solver starts from exact samples of the marginal at T and stops at `t_end`, where "
+         f"sigma/alpha = {END_NOISE:g}{ve}, in float64. Error = RMS per "
+         f"coordinate against the exact probability-flow map (Gaussian: closed form) or a tight "
+         f"pf_ode reference (mixtures: dopri8, rtol = atol = {REF_TOL:g}; its own accuracy, against a 10x "
+         f"looser solve, is listed below). Orders are fitted on a doubling ladder of steps (last three "
+         f"points above {ROUNDOFF_FLOOR:g})"
+         + (f"; NFE-to-reach values interpolate the error-vs-NFE sweep on the log-log curve (NFE {sweep[0]} "
+            f"to {sweep[-1]}, each method with its default grid and options)" if sweep else "") + ".\n",
+         md_table(["sde", "T", "t_end"], [[k, fmt(SDES[k]().T, ".4g"), fmt(v, ".4g")] for k, v in t_end.items()])
+         + "\n"]
     if results.get("reference_checks"):
         worst = max(r["rms_vs_10x_looser"] for r in results["reference_checks"])
-        a(f"Reference accuracy: the tight pf_ode references differ from 10x looser solves by at most "
-          f"{worst:.1e} (RMS), far below the errors fitted.\n")
+        L.append(f"Reference accuracy: the tight pf_ode references differ from 10x looser solves by at most "
+                 f"{worst:.1e} (RMS), far below the errors fitted.\n")
     if results["analytic"]:
-        a("Analytic layer: " + "; ".join(
+        L.append("Analytic layer: " + "; ".join(
             f"{r['sde']}: t_of_log_snr {r['t_of_log_snr_rel_err']:.0e}, score vs autograd "
             f"{r['score_vs_autograd']:.0e}, flow round trip {r['flow_roundtrip_rel']:.0e}"
             for r in results["analytic"]) + ".\n")
-    if results["deterministic"]:
-        a("## Deterministic methods\n")
-        a("### Fitted order vs theory\n")
-        a("Gate: Gaussian, fitted >= theory - 0.3 (superconvergence is allowed: the Gaussian's "
-          "x0-prediction is smooth in log-SNR, and dpmpp_3m with log-SNR grids measures ~4); 2-D "
-          "mixture, |fitted - theory| <= 0.3 (UniPC-3 up to 4: its corrector lifts the corrected "
-          "steps to order 4 and the first-order warm-up cap lies below the float64 floor). The d=64 "
-          "mixture is reported, not gated.\n")
-        for p in ("gaussian", "mixture2d", "mixture64"):
-            t = order_table(results, p)
-            if t:
-                a(f"**{PROBLEM_LABEL[p]}**\n\n{t}\n")
-        a("### NFE to reach an RMS error of 1e-3\n")
-        for p in ("gaussian", "mixture2d", "mixture64", "mixture3072"):
-            t = nfe_table(results, p)
-            if t:
-                a(f"**{PROBLEM_LABEL[p]}**\n\n{t}\n")
-        a("1e-2 and 1e-4: `nfe_to` in results.json.\n")
-        a("### Error at NFE 10 / 20\n")
-        for p in ("mixture2d", "mixture64"):
-            t = err_at_table(results, p)
-            if t:
-                a(f"**{PROBLEM_LABEL[p]}**\n\n{t}\n")
-        for p in ("gaussian", "mixture2d", "mixture64", "mixture3072"):
-            if f"det_{p}" in plots:
-                a(f"![{p}]({plots[f'det_{p}']})\n")
-    if results["grids"]:
-        a("## Time grids\n")
-        a("The same method under each schedule on the 2-D mixture; cell: error at 20 NFE / NFE to "
-          "reach 1e-3 (bold: the best grid for that SDE).\n")
-        a(grid_table(results) + "\n")
-        for m in ("euler", "heun", "dpmpp_2m"):
-            if f"grids_{m}" in plots:
-                a(f"![grids {m}]({plots[f'grids_{m}']})\n")
-    if results["weak"]:
-        a("## Stochastic methods\n")
-        a("Weak errors on the Gaussian: |mean - exact mean| and |cov - exact cov|_F / |exact cov|_F at "
-          "t_end. Affine samplers: exact output moments by linearity (one impulse run), no Monte-Carlo "
-          "noise, so the weak order is fitted (gate: >= 1 - 0.3). pc with the per-sample Langevin "
-          "corrector and adaptive_sde (bridge variant; points = tolerances 0.2..0.01) use Monte Carlo; "
-          "their noise floor is the same error for exact samples of the same size.\n")
-        a(weak_table(results) + "\n")
-    if results["sliced_wasserstein"]:
-        a("Sliced 2-Wasserstein (128 fixed directions) between sampler outputs and exact samples of the "
-          "2-D mixture at t_end; the floor is the distance between two independent exact sets of the "
-          "same size, itself random (how many samples fall in each component): its mean and range over "
-          "5 pairs are given, and a distance inside the range is indistinguishable from exact sampling. "
-          "pc with the per-sample Langevin corrector diverges here: its step size (snr |z| / |score|)^2 "
-          "blows up for samples near a mode, where the score is small (a low-dimension effect documented "
-          "in solvers/correctors.py).\n")
-        a(sw_table(results) + "\n")
-    if "stochastic" in plots:
-        a(f"![stochastic]({plots['stochastic']})\n")
-    if "samples_2d" in plots:
-        a(f"![samples]({plots['samples_2d']})\n")
-    if results["likelihood"]:
-        a("## Likelihood\n")
-        a("`solvers.log_likelihood` (dopri5, rtol = atol = tol) against the exact value of what it "
-          "computes (log prior of the flowed point plus the integrated divergence; closed form for the "
-          "Gaussian, exact densities and a 1e-10 solve for the mixture). Exact trace: gate mean |error| "
-          "<= 50 x tol. Hutchinson (Rademacher probes): unbiased, its error is the estimator's noise; "
-          "gate |mean error| <= 4 standard errors.\n")
-        a(lik_table(results) + "\n")
-        if "likelihood" in plots:
-            a(f"![likelihood]({plots['likelihood']})\n")
+    return "\n".join(L)
+
+
+def _superconverging(results: dict) -> dict[str, list[float]]:
+    """Methods whose fitted order on the exact Gaussian exceeds theory + tol: their fitted orders."""
+    out = defaultdict(list)
+    for r in results["deterministic"]:
+        if r["problem"] == EXACT_PROBLEM and "fitted" in r and r["fitted"] > r["theory"] + results["tol"]:
+            out[r["name"]].append(r["fitted"])
+    return dict(out)
+
+
+def _order_gate(results: dict) -> str:
+    rows = [r for r in results["deterministic"] if "fitted" in r]
+    tol = results["tol"]
+    sup = _superconverging(results)
+    gated = [p for p in _ladder_problems(results) if any(r.get("gated") for r in rows if r["problem"] == p)]
+    text = f"Gate: {_label(EXACT_PROBLEM)}, fitted >= theory - {tol:g}" if EXACT_PROBLEM in gated else "Gate:"
+    if sup:
+        text += (" (superconvergence is allowed: the Gaussian's x0-prediction is smooth in log-SNR; "
+                 + ", ".join(f"{m} measures {_span(v)}" for m, v in sup.items()) + ")")
+    capped = {r["name"]: r["max_order"] for r in rows if r.get("max_order")}
+    others = [_label(p) for p in gated if p != EXACT_PROBLEM]
+    if others:
+        text += (f"; {', '.join(others)}, |fitted - theory| <= {tol:g}"
+                 + "".join(f" ({m} up to {v:g}, the order of its corrected steps)" for m, v in capped.items()))
+    ungated = [_label(p) for p in _ladder_problems(results) if p not in gated]
+    return text + "." + (f" Reported, not gated: {', '.join(ungated)}." if ungated else "")
+
+
+def det_orders_section(results: dict, plots: dict) -> str:
+    if not results["deterministic"]:
+        return ""
+    L = ["## Deterministic methods\n", "### Fitted order vs theory\n", _order_gate(results) + "\n"]
+    return "\n".join(L + _tables(results, _ladder_problems(results), order_table))
+
+
+def det_nfe_section(results: dict, plots: dict) -> str:
+    if not results["deterministic"]:
+        return ""
+    L = ["### NFE to reach an RMS error of 1e-3\n"]
+    L += _tables(results, _problems(results["deterministic"]), nfe_table)
+    return "\n".join(L + ["1e-2 and 1e-4: `nfe_to` in results.json.\n"])
+
+
+def det_err_at_section(results: dict, plots: dict) -> str:
+    if not results["deterministic"]:
+        return ""
+    L = ["### Error at NFE 10 / 20\n"]
+    L += _tables(results, _problems([r for r in results["deterministic"] if "fitted" in r],
+                                    exclude=(EXACT_PROBLEM,)), err_at_table)
+    L += [f"![{p}]({plots[f'det_{p}']})\n" for p in _problems(results["deterministic"]) if f"det_{p}" in plots]
+    return "\n".join(L)
+
+
+def grids_section(results: dict, plots: dict) -> str:
+    if not results["grids"]:
+        return ""
+    where = " and ".join(_label(p) for p in _problems(results["grids"]))
+    L = ["## Time grids\n",
+         f"The same method under each schedule on the {where}; cell: error at 20 NFE / NFE to "
+         "reach 1e-3 (bold: the best grid for that SDE).\n",
+         grid_table(results) + "\n"]
+    L += [f"![grids {m}]({plots[f'grids_{m}']})\n" for m in GRID_METHODS if f"grids_{m}" in plots]
+    return "\n".join(L)
+
+
+def stochastic_section(results: dict, plots: dict) -> str:
+    weak, sw = results["weak"], results["sliced_wasserstein"]
+    L = []
+    if weak:
+        theory = min(r["theory"] for r in weak if r["affine"]) if any(r["affine"] for r in weak) else None
+        gate = f" (gate: >= {theory:g} - {results['tol']:g})" if theory is not None else ""
+        mc = [r["method"] for r in dict((r["method"], r) for r in weak if not r["affine"]).values()]
+        L += ["## Stochastic methods\n",
+              "Weak errors on the Gaussian: |mean - exact mean| and |cov - exact cov|_F / |exact cov|_F at "
+              "t_end. Affine samplers: exact output moments by linearity (one impulse run), no Monte-Carlo "
+              f"noise, so the weak order is fitted{gate}."
+              + (f" {_and(mc)} use Monte Carlo (adaptive_sde: points = tolerances "
+                 f"{ADAPTIVE_TOLS[0]:g}..{ADAPTIVE_TOLS[-1]:g}); their noise floor is the same error for exact "
+                 "samples of the same size." if mc else "") + "\n",
+              weak_table(results) + "\n"]
+    if sw:
+        L += [f"Sliced 2-Wasserstein (fixed random directions) between sampler outputs and exact samples of the "
+              f"{_label(sw[0]['problem'])} at t_end; the floor is the distance between two independent exact sets "
+              "of the same size, itself random (how many samples fall in each component): its mean and range over "
+              "independent pairs are given, and a distance inside the range is indistinguishable from exact "
+              "sampling." + _diverging_note(results) + "\n",
+              sw_table(results) + "\n"]
+    L += [f"![{alt}]({plots[k]})\n" for k, alt in (("stochastic", "stochastic"), ("samples_2d", "samples"))
+          if k in plots]
+    return "\n".join(L)
+
+
+def _diverging_note(results: dict) -> str:
+    """pc with the per-sample Langevin corrector, where its distance ends above the floor's range."""
+    bad = [r for r in results["sliced_wasserstein"] if r["method"] == "pc(corrector=langevin)"
+           and r["sw"] and r["sw"][-1] > r.get("floor_max", r["floor"])]
+    if not bad:
+        return ""
+    where = ", ".join(f"{r['sde']} {r['sw'][-1]:.3f}" for r in bad)
+    return (f" pc with the per-sample Langevin corrector ends above the floor here ({where}): its step size (snr |z| / |score|)^2 "
+            "blows up for samples near a mode, where the score is small (a low-dimension effect documented "
+            "in solvers/correctors.py).")
+
+
+def likelihood_section(results: dict, plots: dict) -> str:
+    rows = results["likelihood"]
+    if not rows:
+        return ""
+    exact = [r for r in rows if r["trace"] == "exact" and r.get("bound")]
+    bound = f" Exact trace: gate mean |error| <= {exact[0]['bound'][0] / exact[0]['tols'][0]:g} x tol." if exact else ""
+    L = ["## Likelihood\n",
+         "`solvers.log_likelihood` (dopri5, rtol = atol = tol) against the exact value of what it "
+         "computes (log prior of the flowed point plus the integrated divergence; closed form for the "
+         f"Gaussian, exact densities and a tight solve for the mixture).{bound} Hutchinson (Rademacher "
+         "probes): unbiased, its error is the estimator's noise; gated on its bias against its standard "
+         "error (`ok` in results.json).\n",
+         lik_table(results) + "\n"]
+    if "likelihood" in plots:
+        L.append(f"![likelihood]({plots['likelihood']})\n")
+    return "\n".join(L)
+
+
+def _ours_candidates(results: dict) -> tuple[list[str], list[str], list[str], int | None]:
+    """From the peer comparison's candidate labels ``"method [schedule]"``: our methods and grids,
+    the methods run on calibrated grids, and the largest NFE with a calibrated candidate."""
+    rows = [r for c in results["peers"]["compare"] for r in c["rows"]]
+    labels = [tuple(k.rsplit(" [", 1)) for k in dict.fromkeys(k for r in rows for k in r["ours"])]
+    plain = [(m, s.rstrip("]")) for m, s in labels if s != "calibrated]"]
+    calibrated = [m for m, s in labels if s == "calibrated]"]
+    cal_nfe = max((r["target_nfe"] for r in rows if any(k.endswith("[calibrated]") for k in r["ours"])), default=None)
+    return (list(dict.fromkeys(m for m, _ in plain)), list(dict.fromkeys(s for _, s in plain)),
+            calibrated, cal_nfe)
+
+
+def _and(items) -> str:
+    items = list(items)
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def _peers_intro(results: dict) -> str:
+    methods, schedules, calibrated, cal_nfe = _ours_candidates(results)
+    cal = (f", and, up to {cal_nfe} NFE, {_and(calibrated)} on a grid from `solvers.calibrate_timesteps` for "
+           f"that method, map and NFE (fitted on {CALIBRATION_SAMPLES} separate calibration samples, seed "
+           f"{CALIBRATION_SEED}, never the measured ones; its cost, `calibration_nfe` in results.json, is a "
+           "one-time cost per model and NFE and is not counted in the NFE columns)" if calibrated else "")
+    return ("Each peer runs on the same exact problem with its conventions converted exactly (see "
+            "`validation/peers.py`); the map it computes (its start noise level, and its end: "
+            "`denoise` = a final jump to sigma = 0 returning x0-hat at its last noise level, `flow0` "
+            "= a higher-order step to sigma = 0, `sigma` = it stops at a noise level) is read from "
+            "its own arrays, and the reference is the exact map for that run. Our methods run on "
+            "the same map, from the same samples, at the same NFE (a `denoise` map costs us one NFE "
+            f"for final_denoise; on a `flow0` map we integrate to sigma/alpha = {END_NOISE:g} and take the "
+            "first-order denoising step to sigma = 0, one NFE, at every NFE alike, where the reference "
+            f"is still the flow to sigma/alpha = {SIGMA_ZERO:g}); \"ours best\" is the best of "
+            f"{_and(methods)}, each under the {_and(schedules)} grids{cal}, at that point (every candidate's "
+            "error is in results.json); the best *single* configuration over all points, and the ratio "
+            "without calibrated grids, are reported as well.\n")
+
+
+def peers_section(results: dict, plots: dict) -> str:
     pe = results["peers"]
-    if pe["orders"] or pe.get("missing"):
-        a("## Peers\n")
-        for m in pe.get("missing", []):
-            a(f"- not run: {m}")
-        if pe["orders"]:
-            a("Each peer runs on the same exact problem with its conventions converted exactly (see "
-              "`validation/peers.py`); the map it computes (its start noise level, and its end: "
-              "`denoise` = a final jump to sigma = 0 returning x0-hat at its last noise level, `flow0` "
-              "= a higher-order step to sigma = 0, `sigma` = it stops at a noise level) is read from "
-              "its own arrays, and the reference is the exact map for that run. Our methods run on "
-              "the same map, from the same samples, at the same NFE (a `denoise` map costs us one NFE "
-              "for final_denoise; on a `flow0` map we integrate to sigma/alpha = 1e-2 and take the "
-              "first-order denoising step to sigma = 0, one NFE, at every NFE alike, where the reference "
-              "is still the flow to sigma/alpha = 1e-7); \"ours best\" is the best of "
-              "dpmpp_2m, dpmpp_3m, unipc (order 2, 3; variants bh1, bh2) and dpm_solver_3, each under the "
-              "log-SNR, Karras, quadratic and uniform grids, and, up to 20 NFE, unipc (order 2, 3, bh2) on "
-              "a grid from `solvers.calibrate_timesteps` for that method, map and NFE (fitted on 128 "
-              "separate calibration samples, seed 1234, never the measured ones; its cost, "
-              "`calibration_nfe` in results.json, is a one-time cost per model and NFE and is not "
-              "counted in the NFE columns), at that point (every candidate's error is in results.json); "
-              "the best *single* configuration over all points, and the ratio without calibrated grids, "
-              "are reported as well.\n")
-            a("**Adapter check** (Gaussian, NFE 10..160; diffusers in its Karras-sigma configuration, "
-              "whose map does not move with the step count):\n")
-            a(peer_order_table(results) + "\n")
-            for p in ("mixture2d", "mixture64"):
-                t = peer_compare_table(results, p)
-                if t:
-                    a(f"**Peers vs ours, {PROBLEM_LABEL[p]}** (defaults of each peer; rows of dropped "
-                      f"adapters are marked unverified and left out of the targets)\n\n{t}\n")
-                if f"peers_{p}" in plots:
-                    a(f"![peers {p}]({plots[f'peers_{p}']})\n")
-            tg = peer_targets(results)
-            if tg:
-                rows = []
-                for (p, n), d in sorted(tg.items()):
-                    rows.append([p, n, f"{d['best_peer']}: {d['best_peer_error']:.2e}",
-                                 f"{d['ours_on_it']:.2e} ({d['ours_method']})",
-                                 f"{d['best_peer_error'] / d['ours_on_it']:.2f}",
-                                 f"{d['worst_ratio']:.2f} ({d['worst_peer']})",
-                                 f"{d['best_peer_error'] / d['ours_standard']:.2f} ({d['ours_standard_method']})"])
-                a("**Targets** (our best <= the best peer at every NFE in {5, 6, 8, 10, 15, 20, 50}, "
-                  "and 1.5x smaller at NFE 10). Ratio = peer error / our best error on the peer's own map; "
-                  "< 1 means we are behind.\n")
-                a(md_table(["problem", "NFE", "best verified peer", "ours on its map", "ratio",
-                            "worst ratio over all peers", "ratio without calibrated grids"], rows) + "\n")
-                behind = [(p, n, d) for (p, n), d in sorted(tg.items()) if d["worst_ratio"] < 1.0]
-                if behind:
-                    a("**Where we are behind:** " + "; ".join(
-                        f"{p} NFE {n}: {d['worst_peer']} (ratio {d['worst_ratio']:.2f})" for p, n, d in behind) + ".\n")
-                t = default_config_table(results)
-                if t:
-                    a("**Fixed configurations:** each of our methods on the log-SNR grid, and the "
-                      "calibrated configurations (at the points up to 20 NFE), the same configuration at "
-                      "every point (no per-point choice):\n")
-                    a(t + "\n")
-                fixed, per = best_fixed_config(results)
-                if fixed:
-                    a(f"The single configuration (present at every point, so without calibration) with "
-                      f"the best worst-case ratio is `{fixed}` (worst {min(v[0] for v in per.values()):.2f}).\n")
-                short = [(p, n, d) for (p, n), d in sorted(tg.items()) if n == 10 and d["worst_ratio"] < 1.5]
-                if short:
-                    a("**Short of 1.5x at NFE 10:** " + "; ".join(
-                        f"{p}: {d['worst_peer']} (ratio {d['worst_ratio']:.2f})" for p, n, d in short) + ".\n")
-            t = overhead_table(results)
+    if not (pe["orders"] or pe.get("missing")):
+        return ""
+    L = ["## Peers\n"] + [f"- not run: {m}" for m in pe.get("missing", [])]
+    if pe["orders"]:
+        nfe = sorted({n for r in pe["orders"] for n in r["nfe"]})
+        L += [_peers_intro(results),
+              f"**Adapter check** (Gaussian, NFE {nfe[0]}..{nfe[-1]}; diffusers in its Karras-sigma "
+              "configuration, whose map does not move with the step count):\n",
+              peer_order_table(results) + "\n"]
+        for p in _problems(pe["compare"]):
+            t = peer_compare_table(results, p)
             if t:
-                a("**Per-step overhead** (ratio = total time / (NFE x one network call); 1.00 = no "
-                  "overhead):\n")
-                a(t + "\n")
-                t = overhead_pairs(results)
-                if t:
-                    a("**The same method side by side** (ratio, cheap network / realistic network; "
-                      "ours <= the peer's where the last column says yes):\n")
-                    a(t + "\n")
-    a("## Notes\n")
-    a("- dpmpp_3m (singlestep warm-up) and UniPC-3 exceed order 3 on the Gaussian with log-SNR grids "
-      "(~4): the exact x0-prediction of a Gaussian is a smooth function of log-SNR whose derivatives "
-      "vanish at both ends, which removes the leading error term; on the mixtures they measure 3 "
-      "(UniPC up to 4, see above).")
-    a("- The d=64 mixture's ladders are not yet asymptotic for some methods: its local slopes rise "
-      "towards theory along the ladder (e.g. dpmpp_2m under VP 1.54, 1.70, 1.84; dpmpp_3m 2.47, 2.82, "
-      "2.95; `ladder_errors` in results.json). Posterior responsibilities switch sharply in 64 dimensions, "
-      "so the x0-prediction has large higher derivatives in log-SNR; it is reported, not gated.")
-    a("- Default grids matter: ddim and euler default to a uniform grid in t, which is poor for EDM and VE "
-      "(errors ~1 at 20 NFE); see the time-grid table for the grid that suits each SDE.")
-    a("- Calibrated grids (`solvers.calibrate_timesteps`, in the peer comparison up to 20 NFE) are a fit "
-      "to one model and one NFE on separate calibration samples. On these mixtures the fitted error and "
-      "the error on the measured samples agree; on low-dimensional mixtures where a few trajectories "
-      "near a mode boundary carry most of the error, a fit on a few dozen samples can lose to a standard "
-      "grid (`tests/test_calibrate.py`; use a hundred or more).")
-    a("- Euler is fitted on a uniform-t grid with 64..512 steps (its asymptotic range); DDIM and "
-      "DPM-Solver-1 are the same method (checked equal to rounding in `tests/test_ode_solvers.py`).")
-    a("- All numbers are in results.json (`deterministic[].sweep_*`, `ladder_*`, `nfe_to`, `grids`, "
-      "`weak`, `sliced_wasserstein`, `likelihood`, `peers`).")
-    (out / "report.md").write_text("\n".join(L) + "\n")
+                L.append(f"**Peers vs ours, {_label(p)}** (defaults of each peer; rows of dropped "
+                         f"adapters are marked unverified and left out of the targets)\n\n{t}\n")
+            if f"peers_{p}" in plots:
+                L.append(f"![peers {p}]({plots[f'peers_{p}']})\n")
+    return "\n".join(L)
+
+
+def _targets_table(tg: dict) -> str:
+    rows = [[p, n, f"{d['best_peer']}: {d['best_peer_error']:.2e}", f"{d['ours_on_it']:.2e} ({d['ours_method']})",
+             f"{d['best_peer_error'] / d['ours_on_it']:.2f}", f"{d['worst_ratio']:.2f} ({d['worst_peer']})",
+             f"{d['best_peer_error'] / d['ours_standard']:.2f} ({d['ours_standard_method']})"]
+            for (p, n), d in sorted(tg.items())]
+    return md_table(["problem", "NFE", "best verified peer", "ours on its map", "ratio",
+                     "worst ratio over all peers", "ratio without calibrated grids"], rows)
+
+
+def targets_section(results: dict, plots: dict) -> str:
+    tg = peer_targets(results) if results["peers"]["orders"] else {}
+    if not tg:
+        return ""
+    nfes = ", ".join(str(n) for n in sorted({n for _, n in tg}))
+    L = [f"**Targets** (our best <= the best peer at every NFE in {{{nfes}}}, and {TARGET_MARGIN:g}x smaller "
+         f"at NFE {TARGET_MARGIN_NFE}). Ratio = peer error / our best error on the peer's own map; "
+         "< 1 means we are behind.\n", _targets_table(tg) + "\n"]
+    behind = [(p, n, d) for (p, n), d in sorted(tg.items()) if d["worst_ratio"] < 1.0]
+    if behind:
+        L.append("**Where we are behind:** " + "; ".join(
+            f"{p} NFE {n}: {d['worst_peer']} (ratio {d['worst_ratio']:.2f})" for p, n, d in behind) + ".\n")
+    t = default_config_table(results)
+    if t:
+        L += ["**Fixed configurations:** each of our methods on the log-SNR grid, and the calibrated "
+              "configurations (at the points where they were run), the same configuration at every point "
+              "(no per-point choice):\n", t + "\n"]
+    fixed, per = best_fixed_config(results)
+    if fixed:
+        L.append(f"The single configuration (present at every point, so without calibration) with "
+                 f"the best worst-case ratio is `{fixed}` (worst {min(v[0] for v in per.values()):.2f}).\n")
+    short = [(p, d) for (p, n), d in sorted(tg.items()) if n == TARGET_MARGIN_NFE and d["worst_ratio"] < TARGET_MARGIN]
+    if short:
+        L.append(f"**Short of {TARGET_MARGIN:g}x at NFE {TARGET_MARGIN_NFE}:** " + "; ".join(
+            f"{p}: {d['worst_peer']} (ratio {d['worst_ratio']:.2f})" for p, d in short) + ".\n")
+    return "\n".join(L)
+
+
+def overhead_section(results: dict, plots: dict) -> str:
+    t = overhead_table(results) if results["peers"]["orders"] else None
+    if not t:
+        return ""
+    L = ["**Per-step overhead** (ratio = total time / (NFE x one network call); 1.00 = no overhead):\n", t + "\n"]
+    t = overhead_pairs(results)
+    if t:
+        L += ["**The same method side by side** (ratio, cheap network / realistic network; "
+              "ours <= the peer's where the last column says yes):\n", t + "\n"]
+    return "\n".join(L)
+
+
+def _local_slopes(r: dict) -> list[float]:
+    n, e = r["ladder_nfe"], r["ladder_errors"]
+    return [math.log(e[i] / e[i + 1]) / math.log(n[i + 1] / n[i]) for i in range(len(e) - 1)
+            if e[i] > 0 and e[i + 1] > 0]
+
+
+def _note_superconvergence(results: dict) -> str | None:
+    sup = _superconverging(results)
+    if not sup:
+        return None
+    rows = [r for r in results["deterministic"] if "fitted" in r and r["name"] in sup]
+    on = "; ".join(", ".join(
+        f"{m} {_span([r['fitted'] for r in rows if r['problem'] == p and r['name'] == m])}" for m in sup)
+        + f" on the {_label(p)}" for p in _ladder_problems(results) if p != EXACT_PROBLEM)
+    return (f"- {_and(sup)} exceed their theoretical order on the Gaussian ("
+            + ", ".join(f"{m} {_span(v)}" for m, v in sup.items()) + "): the exact x0-prediction of a Gaussian "
+            "is a smooth function of log-SNR whose derivatives vanish at both ends, which removes the leading "
+            "error term" + (f"; they measure {on}." if on else "."))
+
+
+def _note_not_asymptotic(results: dict) -> str | None:
+    """Ungated problems' methods fitted below theory - tol: their local slopes along the ladder."""
+    tol = results["tol"]
+    low = [r for r in results["deterministic"] if "fitted" in r and not r.get("gated")
+           and r["fitted"] < r["theory"] - tol]
+    if not low:
+        return None
+    where = "; ".join(f"{r['name']} under {r['sde']} " + ", ".join(f"{s:.2f}" for s in _local_slopes(r))
+                      for r in low)
+    probs = _and(_label(p) for p in _problems(low))
+    return (f"- The {probs} ladders are not asymptotic for every method: local slopes along the ladder of the "
+            f"fits below theory - {tol:g} are {where} (`ladder_errors` in results.json). Posterior "
+            "responsibilities switch sharply in many dimensions, so the x0-prediction has large higher "
+            "derivatives in log-SNR; it is reported, not gated.")
+
+
+def _note_uniform_default(results: dict) -> str | None:
+    rows = [r for r in results["deterministic"] if r["sweep_schedule"] == "uniform" and r["sweep_nfe"]]
+    problem = next(iter(_problems(results["grids"]) or _problems(rows, exclude=(EXACT_PROBLEM,))), None)
+    worst = {}
+    for r in rows:
+        e = _at_nfe(r["sweep_nfe"], r["sweep_errors"], 20) if r["problem"] == problem else None
+        if e is not None and e > worst.get(r["name"], (-1.0,))[0]:
+            worst[r["name"]] = (e, r["sde"])
+    if not worst:
+        return None
+    see = "; see the time-grid table for the grid that suits each SDE" if results["grids"] else ""
+    return (f"- Default grids matter: {_and(worst)} default{'s' if len(worst) == 1 else ''} to a uniform grid in t; "
+            f"worst error at 20 NFE on the {_label(problem)}: "
+            + ", ".join(f"{e:.2g} ({m}, {s})" for m, (e, s) in worst.items()) + f"{see}.")
+
+
+def _note_ladders(results: dict) -> str | None:
+    euler = next((r for r in results["deterministic"] if r["name"] == "euler" and "ladder_steps" in r), None)
+    if euler is None:
+        return None
+    steps = euler["ladder_steps"]
+    return (f"- Euler is fitted on a {euler['ladder_schedule']}-t grid with {steps[0]}..{steps[-1]} steps (its "
+            "asymptotic range); DDIM and DPM-Solver-1 are the same method (checked equal to rounding in "
+            "`tests/test_ode_solvers.py`).")
+
+
+def notes_section(results: dict, plots: dict) -> str:
+    _, _, calibrated, cal_nfe = _ours_candidates(results)
+    calib = (f"- Calibrated grids (`solvers.calibrate_timesteps`, in the peer comparison up to {cal_nfe} NFE) are a "
+             "fit to one model and one NFE on separate calibration samples. On these mixtures the fitted error and "
+             "the error on the measured samples agree; on low-dimensional mixtures where a few trajectories near a "
+             "mode boundary carry most of the error, a fit on a few dozen samples can lose to a standard grid "
+             "(`tests/test_calibrate.py`; use a hundred or more).") if calibrated else None
+    notes = [_note_superconvergence(results), _note_not_asymptotic(results), _note_uniform_default(results),
+             calib, _note_ladders(results),
+             "- All numbers are in results.json (`deterministic[].sweep_*`, `ladder_*`, `nfe_to`, `grids`, "
+             "`weak`, `sliced_wasserstein`, `likelihood`, `peers`)."]
+    return "\n".join(["## Notes\n"] + [n for n in notes if n])
+
+
+#: the report, section by section (each takes the results and the plots, returns markdown or "")
+SECTIONS = [header_section, setup_section, det_orders_section, det_nfe_section, det_err_at_section,
+            grids_section, stochastic_section, likelihood_section, peers_section, targets_section,
+            overhead_section, notes_section]

@@ -15,6 +15,7 @@ from .._runs import RunError
 
 #: Exit status of an interrupted run (EX_TEMPFAIL): resume it.
 EXIT_INTERRUPTED = 75
+#: ``train --sde`` choices: the registry's short names (a discrete schedule comes from a checkpoint or diffusers)
 _SDE_NAMES = ("vp", "subvp", "ve", "cosine", "edm", "rf")
 
 
@@ -61,21 +62,13 @@ def _parse_options(items: Sequence[str] | None) -> dict:
 
 
 def _make_sde(args: argparse.Namespace):
+    """The ``--sde`` of ``train`` from the SDE registry: VP/sub-VP take ``--beta-min/--beta-max``,
+    VE/EDM the ``--sigma-min/--sigma-max`` that were given (else the class defaults)."""
     import scoresde
-    name = args.sde
-    if name == "vp":
-        return scoresde.VPSDE(args.beta_min, args.beta_max)
-    if name == "subvp":
-        return scoresde.SubVPSDE(args.beta_min, args.beta_max)
-    if name == "cosine":
-        return scoresde.CosineVPSDE()
-    if name == "rf":
-        return scoresde.RectifiedFlowSDE()
-    if name == "ve":
-        return scoresde.VESDE(args.sigma_min if args.sigma_min is not None else 0.01,
-                              args.sigma_max if args.sigma_max is not None else 50.0)
-    return scoresde.EDMSDE(args.sigma_min if args.sigma_min is not None else 0.002,
-                           args.sigma_max if args.sigma_max is not None else 80.0)
+    if args.sde in ("vp", "subvp"):
+        return scoresde.make_sde(args.sde, beta_min=args.beta_min, beta_max=args.beta_max)
+    sigmas = {k: v for k, v in (("sigma_min", args.sigma_min), ("sigma_max", args.sigma_max)) if v is not None}
+    return scoresde.make_sde(args.sde, **(sigmas if args.sde in ("ve", "edm") else {}))
 
 
 def _device(name: str, local_rank: int = 0) -> torch.device:
