@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -52,10 +51,90 @@ class NonFiniteError(SolverError, FloatingPointError):
     """The network returned NaN/Inf; the message names the step, the time and the samples."""
 
 
-class StepTable(SimpleNamespace):
-    """Precomputed per-step coefficients (tensors on the state's device and dtype) and
-    Python control-flow facts (``orders``, ``steps``).  ``t64`` holds the grid in float64
-    on the state's device; ``t`` the grid as Python floats."""
+@dataclass(init=False, eq=False)
+class StepTable:
+    r"""Precomputed per-step coefficients, built once per call by ``Solver.prepare`` and only
+    indexed by ``step``.  Tensors are in the state's dtype and on its device unless the name
+    ends in ``64`` (float64); names ending in ``_f`` are Python floats (fused in-place
+    updates take them as scalars).  Index ``i`` of a per-interval field belongs to the step
+    from ``t[i]`` to ``t[i+1]``.
+
+    Set by the base :meth:`Solver.prepare` (the grid, and every coefficient of a LinearSDE):
+
+    - ``steps``: number of intervals; ``t``: the grid as Python floats; ``t64``: the grid in
+      float64 (the model's scalar-time path); ``dt = t[i+1] - t[i]`` (negative).
+    - ``alpha, sigma``: :math:`x_t = \alpha_t x_0 + \sigma_t\epsilon` at every grid point;
+      ``lam`` :math:`= \log(\alpha/\sigma)` (half the log-SNR); ``f, g2``: drift coefficient and
+      squared diffusion; ``h = lam[i+1] - lam[i]``; ``alpha64, sigma64, lam64, h64``: the same in
+      float64.  None for a non-linear SDE.
+
+    The remaining fields are optional (None unless the method's ``prepare`` sets them); a
+    method adds a field here, documented, rather than setting an undeclared attribute.
+    The constructor stores only the fields it is given (the others read their class-level
+    default None), so that building a table costs the same whatever the number of fields.
+    """
+
+    steps: int
+    t: list[float]
+    t64: Tensor
+    dt: Tensor | None = None
+    # -- LinearSDE schedule (base prepare)
+    alpha: Tensor | None = None
+    sigma: Tensor | None = None
+    lam: Tensor | None = None
+    f: Tensor | None = None
+    g2: Tensor | None = None
+    h: Tensor | None = None
+    alpha64: Tensor | None = None
+    sigma64: Tensor | None = None
+    lam64: Tensor | None = None
+    h64: Tensor | None = None
+    # -- control flow: the order used at each step (multistep, singlestep, UniPC), and the
+    #    steps where stability lowered it (multistep); None = ``order`` everywhere
+    orders: list[int] | None = None
+    order_lowered_at: list[int] | None = None
+    # -- one-step linear updates x_{i+1} = x_coef x + eps_coef eps (+ x0_coef x0) (+ noise_std z)
+    #    (euler, ddim, euler_maruyama, reverse_diffusion, ancestral, the SDE multistep methods)
+    x_coef: Tensor | None = None
+    eps_coef: Tensor | None = None
+    x0_coef: Tensor | None = None
+    noise_std: Tensor | None = None
+    x_coef_f: list[float] | None = None
+    eps_coef_f: list[float] | None = None
+    noise_std_f: list[float] | None = None
+    alpha_next_f: list[float] | None = None    # ddim: alpha_{i+1}
+    # -- euler_maruyama on a general (non-linear) SDE: x += delta f(x) + g2_delta score + noise
+    general: bool | None = None
+    delta: Tensor | None = None
+    g2_delta: Tensor | None = None
+    # -- heun (see Heun.prepare): x~ = scale x + euler eps, x' = scale x + half (eps + eps~)
+    scale_f: list[float] | None = None         # alpha_{i+1} / alpha_i
+    euler_f: list[float] | None = None         # -sigma_{i+1} expm1(h_i)
+    half_f: list[float] | None = None          # euler_f / 2
+    # -- exponential multistep: x_{i+1} = sigma_ratio x + sum_j coef[i][j] x0^{(i-j)}
+    coef_f: list[list[float]] | None = None
+    sigma_ratio_f: list[float] | None = None
+    warm: Any = None                           # dpmpp_3m warmup="singlestep": a dpm.Warmup2S
+    # -- UniPC corrector: weight of the new data prediction, and the corrector's order
+    corr_f: list[float | None] | None = None
+    corr_orders: list[int] | None = None
+    # -- singlestep DPM-Solver: one exponential.SinglestepStage (stage times, named
+    #    coefficients) per outer step
+    stages: list[Any] | None = None
+    # -- Langevin correctors (pc)
+    corr_step_scale: Tensor | None = None
+    corr_step: Tensor | None = None
+    corr_noise: Tensor | None = None
+
+    def __init__(self, steps: int, t: list[float], t64: Tensor, **optional: Any) -> None:
+        self.steps, self.t, self.t64 = steps, t, t64
+        for name, value in optional.items():
+            if name not in _OPTIONAL_TABLE_FIELDS:
+                raise TypeError(f"StepTable has no field {name!r}")
+            setattr(self, name, value)
+
+
+_OPTIONAL_TABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(StepTable)) - {"steps", "t", "t64"}
 
 
 @dataclass(frozen=True)
@@ -209,7 +288,8 @@ class Solver:
         raise NotImplementedError
 
     def stats(self, table: StepTable) -> dict:
-        return {"orders": list(getattr(table, "orders", [self.order] * table.steps))}
+        orders = table.orders if table.orders is not None else [self.order] * table.steps
+        return {"orders": list(orders)}
 
 
 # ------------------------------------------------------------------ boundary checks

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,13 +23,75 @@ from scoresde.sde import SDE
 
 from ._registry import register
 from .base import CheckedModel, StepTable
-from .exponential import ExponentialMultistep, ExponentialSinglestep, History, lagrange_weights
+from .exponential import (ExponentialMultistep, ExponentialSinglestep, History, SinglestepStage,
+                          lagrange_weights)
 from .timesteps import TimeGrid
 
 __all__ = [
     "DPMSolver1", "DPMSolver2", "DPMSolver3", "DPMSolverPP2S", "DPMSolverPP2M", "DPMSolverPP3M",
     "DPMSolverPP2MSDE", "DPMSolverPP3MSDE",
 ]
+
+
+# ------------------------------------------------------- named step coefficients
+# Python float64 scalars computed once per call in ``prepare``; s = t_i, t = t_{i+1}, s_j the
+# intermediate stages (lambda_{s_j} = lambda_s + r_j h), expm1(z) = e^z - 1.
+class DPM1Coefs(NamedTuple):
+    """DPM-Solver-1 (= DDIM): ``x_t = x_scale x_s - eps_scale eps_s``."""
+
+    x_scale: float      # alpha_t / alpha_s
+    eps_scale: float    # sigma_t expm1(h)
+
+
+class DPM2Coefs(NamedTuple):
+    """DPM-Solver-2: ``u = u_x_scale x_s - u_eps_scale eps_s``,
+    ``x_t = x_scale x_s - eps_scale eps_s - corr (eps(u, s_1) - eps_s)``."""
+
+    x_scale: float      # alpha_t / alpha_s
+    eps_scale: float    # sigma_t expm1(h)
+    u_x_scale: float    # alpha_{s1} / alpha_s
+    u_eps_scale: float  # sigma_{s1} expm1(r1 h)
+    corr: float         # sigma_t / (2 r1) expm1(h)
+
+
+class DPM3Coefs(NamedTuple):
+    """DPM-Solver-3 (Lu et al. 2022a, Algorithm 2): ``u1 = u1_x_scale x_s - u1_eps_scale eps_s``,
+    ``u2 = u2_x_scale x_s - u2_eps_scale eps_s - u2_corr (eps(u1, s_1) - eps_s)``,
+    ``x_t = x_scale x_s - eps_scale eps_s - corr (eps(u2, s_2) - eps_s)``."""
+
+    x_scale: float       # alpha_t / alpha_s
+    eps_scale: float     # sigma_t expm1(h)
+    u1_x_scale: float    # alpha_{s1} / alpha_s
+    u1_eps_scale: float  # sigma_{s1} expm1(r1 h)
+    u2_x_scale: float    # alpha_{s2} / alpha_s
+    u2_eps_scale: float  # sigma_{s2} expm1(r2 h)
+    u2_corr: float       # sigma_{s2} r2 / r1 (expm1(r2 h) / (r2 h) - 1)
+    corr: float          # sigma_t / r2 (expm1(h) / h - 1)
+
+
+class DPMPP1Coefs(NamedTuple):
+    """DPM-Solver++(1): ``x_t = x_scale x_s - x0_scale x0(x_s, s)``."""
+
+    x_scale: float      # sigma_t / sigma_s
+    x0_scale: float     # alpha_t expm1(-h)
+
+
+class DPMPP2SCoefs(NamedTuple):
+    """DPM-Solver++(2S): ``u = u_x_scale x_s - u_x0_scale x0(x_s, s)``,
+    ``x_t = x_scale x_s - x0_scale (w_s x0(x_s, s) + w_1 x0(u, s_1))``."""
+
+    x_scale: float      # sigma_t / sigma_s
+    x0_scale: float     # alpha_t expm1(-h)
+    u_x_scale: float    # sigma_{s1} / sigma_s
+    u_x0_scale: float   # alpha_{s1} expm1(-r h)
+    w_s: float          # 1 - 1/(2r)
+    w_1: float          # 1/(2r)
+
+
+def _dpmpp_2s_coefs(s_s: float, a_t: float, s_t: float, h: float, r: float, a1: float,
+                    s1: float) -> DPMPP2SCoefs:
+    return DPMPP2SCoefs(s_t / s_s, a_t * math.expm1(-h), s1 / s_s, a1 * math.expm1(-r * h),
+                        1.0 - 0.5 / r, 0.5 / r)
 
 
 # ---------------------------------------------------------------- singlestep (eps)
@@ -43,36 +105,42 @@ class _DPMSolverEps(ExponentialSinglestep):
     - k = 3, :math:`r_1 = \tfrac13, r_2 = \tfrac23`: DPM-Solver-3 (Algorithm 2 of Lu et al. 2022a).
     """
 
-    def stage_coefficients(self, st: dict, k: int) -> tuple[float, ...]:
-        a_s, a_t, s_t, h = st["a_s"], st["a_t"], st["s_t"], st["h"]
+    def stage_coefficients(self, st: SinglestepStage, k: int) -> DPM1Coefs | DPM2Coefs | DPM3Coefs:
+        a_s, a_t, s_t, h = st.a_s, st.a_t, st.s_t, st.h
         phi_h = math.expm1(h)
-        out = (a_t / a_s, s_t * phi_h)                                  # x_t = out[0] x - out[1] eps_s - ...
         if k == 1:
-            return out
+            return DPM1Coefs(a_t / a_s, s_t * phi_h)
         if k == 2:
-            (r1,), (a1,), (s1,) = st["r"], st["alpha"], st["sigma"]
-            return out + (a1 / a_s, s1 * math.expm1(r1 * h), s_t / (2.0 * r1) * phi_h)
-        (r1, r2), (a1, a2), (s1, s2) = st["r"], st["alpha"], st["sigma"]
+            (r1,), (a1,), (s1,) = st.r, st.alpha, st.sigma
+            return DPM2Coefs(a_t / a_s, s_t * phi_h, a1 / a_s, s1 * math.expm1(r1 * h),
+                             s_t / (2.0 * r1) * phi_h)
+        (r1, r2), (a1, a2), (s1, s2) = st.r, st.alpha, st.sigma
         phi_r2 = math.expm1(r2 * h)
-        return out + (a1 / a_s, s1 * math.expm1(r1 * h),
-                      a2 / a_s, s2 * phi_r2, s2 * r2 / r1 * (phi_r2 / (r2 * h) - 1.0),
-                      s_t / r2 * (phi_h / h - 1.0))
+        return DPM3Coefs(a_t / a_s, s_t * phi_h, a1 / a_s, s1 * math.expm1(r1 * h),
+                         a2 / a_s, s2 * phi_r2, s2 * r2 / r1 * (phi_r2 / (r2 * h) - 1.0),
+                         s_t / r2 * (phi_h / h - 1.0))
 
     def combine(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, k: int) -> Tensor:
         st = tab.stages[i]
-        c = st["c"]
+        c = st.coefs
         eps_s = model.evaluate(x, tab.t64[i]).eps
         # fused: each line is one scaled copy plus in-place accumulations, the differences
         # eps_j - eps_s folded into the coefficients (float64 scalars from prepare)
         if k == 1:
-            return torch.add(x * c[0], eps_s, alpha=-c[1])
+            # x_t = x_scale x - eps_scale eps_s
+            return torch.add(x * c.x_scale, eps_s, alpha=-c.eps_scale)
         if k == 2:
-            eps_1 = model.evaluate(torch.add(x * c[2], eps_s, alpha=-c[3]), st["t64"][0]).eps
-            return torch.add(x * c[0], eps_s, alpha=c[4] - c[1]).add_(eps_1, alpha=-c[4])
-        eps_1 = model.evaluate(torch.add(x * c[2], eps_s, alpha=-c[3]), st["t64"][0]).eps
-        u2 = torch.add(x * c[4], eps_s, alpha=c[6] - c[5]).add_(eps_1, alpha=-c[6])
-        eps_2 = model.evaluate(u2, st["t64"][1]).eps
-        return torch.add(x * c[0], eps_s, alpha=c[7] - c[1]).add_(eps_2, alpha=-c[7])
+            # u = u_x_scale x - u_eps_scale eps_s
+            eps_1 = model.evaluate(torch.add(x * c.u_x_scale, eps_s, alpha=-c.u_eps_scale), st.t64[0]).eps
+            # x_t = x_scale x - eps_scale eps_s - corr (eps_1 - eps_s)
+            return torch.add(x * c.x_scale, eps_s, alpha=c.corr - c.eps_scale).add_(eps_1, alpha=-c.corr)
+        # u1 = u1_x_scale x - u1_eps_scale eps_s
+        eps_1 = model.evaluate(torch.add(x * c.u1_x_scale, eps_s, alpha=-c.u1_eps_scale), st.t64[0]).eps
+        # u2 = u2_x_scale x - u2_eps_scale eps_s - u2_corr (eps_1 - eps_s)
+        u2 = torch.add(x * c.u2_x_scale, eps_s, alpha=c.u2_corr - c.u2_eps_scale).add_(eps_1, alpha=-c.u2_corr)
+        eps_2 = model.evaluate(u2, st.t64[1]).eps
+        # x_t = x_scale x - eps_scale eps_s - corr (eps_2 - eps_s)
+        return torch.add(x * c.x_scale, eps_s, alpha=c.corr - c.eps_scale).add_(eps_2, alpha=-c.corr)
 
 
 @register("dpm_solver_1")
@@ -115,22 +183,24 @@ class DPMSolverPP2S(ExponentialSinglestep):
 
     order: ClassVar[int] = 2
 
-    def stage_coefficients(self, st: dict, k: int) -> tuple[float, ...]:
-        s_s, a_t, s_t, h = st["s_s"], st["a_t"], st["s_t"], st["h"]
-        out = (s_t / s_s, a_t * math.expm1(-h))                         # x_t = out[0] x - out[1] d
+    def stage_coefficients(self, st: SinglestepStage, k: int) -> DPMPP1Coefs | DPMPP2SCoefs:
         if k == 1:
-            return out
-        (r,), (a1,), (s1,) = st["r"], st["alpha"], st["sigma"]
-        return out + (s1 / s_s, a1 * math.expm1(-r * h), 1.0 - 0.5 / r, 0.5 / r)
+            return DPMPP1Coefs(st.s_t / st.s_s, st.a_t * math.expm1(-st.h))
+        (r,), (a1,), (s1,) = st.r, st.alpha, st.sigma
+        return _dpmpp_2s_coefs(st.s_s, st.a_t, st.s_t, st.h, r, a1, s1)
 
     def combine(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, k: int) -> Tensor:
         st = tab.stages[i]
-        c = st["c"]
+        c = st.coefs
         x0_s = model.evaluate(x, tab.t64[i]).x0
         if k == 1:
-            return torch.add(x * c[0], x0_s, alpha=-c[1])
-        x0_1 = model.evaluate(torch.add(x * c[2], x0_s, alpha=-c[3]), st["t64"][0]).x0
-        return torch.add(x * c[0], x0_s, alpha=-c[1] * c[4]).add_(x0_1, alpha=-c[1] * c[5])
+            # x_t = x_scale x - x0_scale x0_s
+            return torch.add(x * c.x_scale, x0_s, alpha=-c.x0_scale)
+        # u = u_x_scale x - u_x0_scale x0_s
+        x0_1 = model.evaluate(torch.add(x * c.u_x_scale, x0_s, alpha=-c.u_x0_scale), st.t64[0]).x0
+        # x_t = x_scale x - x0_scale (w_s x0_s + w_1 x0_1)
+        return (torch.add(x * c.x_scale, x0_s, alpha=-c.x0_scale * c.w_s)
+                .add_(x0_1, alpha=-c.x0_scale * c.w_1))
 
 
 # ----------------------------------------------------------------- multistep (x0)
@@ -162,6 +232,13 @@ class DPMSolverPP2M(ExponentialMultistep):
         phi1 = -math.expm1(-c * h) / c                 # integral of e^{-c(h-u)} over [0, h]
         inv2r = 0.5 * h / (-nodes[1])                  # 1/(2 r), r = h_{i-1}/h_i
         return [phi1 * (1.0 + inv2r), -phi1 * inv2r]
+
+
+class Warmup2S(NamedTuple):
+    """The DPM-Solver++(2S) first step of ``dpmpp_3m`` with ``warmup="singlestep"``."""
+
+    t64: Tensor             # the stage time s_1 (lambda midpoint of the first step), float64
+    coefs: DPMPP2SCoefs
 
 
 @register("dpmpp_3m")
@@ -208,18 +285,18 @@ class DPMSolverPP3M(ExponentialMultistep):
             r = (0.5 * float(c["log_snr"][0]) - lam0) / h
             s_s, a_t, s_t = float(tab.sigma64[0]), float(tab.alpha64[1]), float(tab.sigma64[1])
             # DPM-Solver++(2S) coefficients (as DPMSolverPP2S.stage_coefficients), once per call
-            tab.warm = dict(t64=t_mid.to(like.device), c=(
-                s_t / s_s, a_t * math.expm1(-h), float(c["sigma"][0]) / s_s,
-                float(c["alpha"][0]) * math.expm1(-r * h), 1.0 - 0.5 / r, 0.5 / r))
+            tab.warm = Warmup2S(t_mid.to(like.device), _dpmpp_2s_coefs(
+                s_s, a_t, s_t, h, r, float(c["alpha"][0]), float(c["sigma"][0])))
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, hist: History, tab: StepTable, noise) -> tuple:
         if i == 0 and self.warmup == "singlestep":
-            c = tab.warm["c"]
+            c = tab.warm.coefs
             x0_s = model.evaluate(x, tab.t64[0]).x0
-            u = c[2] * x - c[3] * x0_s
-            x0_1 = model.evaluate(u, tab.warm["t64"]).x0
-            return c[0] * x - c[1] * (c[4] * x0_s + c[5] * x0_1), hist.push(x0_s, self.keep())
+            u = c.u_x_scale * x - c.u_x0_scale * x0_s
+            x0_1 = model.evaluate(u, tab.warm.t64).x0
+            x_next = c.x_scale * x - c.x0_scale * (c.w_s * x0_s + c.w_1 * x0_1)
+            return x_next, hist.push(x0_s, self.keep())
         return super().step(model, i, x, hist, tab, noise)
 
 

@@ -32,7 +32,7 @@ from .base import CheckedModel, Solver, StepTable
 from .timesteps import TimeGrid
 
 __all__ = ["phi", "solve_small", "exp_moments", "History", "ExponentialMultistep", "ExponentialSinglestep",
-           "lagrange_weights", "MIN_GAP_RATIO"]
+           "lagrange_weights", "MIN_GAP_RATIO", "SinglestepStage"]
 
 
 def solve_small(A: list[list[float]], b: list[float]) -> list[float]:
@@ -224,7 +224,7 @@ class ExponentialMultistep(Solver):
         return out, lowered
 
     def stats(self, table: StepTable) -> dict:
-        return {**super().stats(table), "order_lowered_at": list(getattr(table, "order_lowered_at", []))}
+        return {**super().stats(table), "order_lowered_at": list(table.order_lowered_at or [])}
 
     def weights(self, k: int, nodes: list[float], h: float) -> list[float]:
         """Weights of the last k data predictions (newest first) at offsets ``nodes``
@@ -276,6 +276,25 @@ class ExponentialMultistep(Solver):
         for j in range(k):
             out.add_(hist.x0[-1 - j], alpha=c[j])
         return out
+
+
+@dataclass(eq=False)
+class SinglestepStage:
+    r"""One outer step of a singlestep method, from :math:`s = t_i` to :math:`t = t_{i+1}`,
+    with its intermediate stages :math:`s_j` at :math:`\lambda_{s_j} = \lambda_s + r_j h`
+    (all floats are float64 Python scalars).  Built once per call by
+    :meth:`ExponentialSinglestep.prepare`."""
+
+    h: float                    # lambda_t - lambda_s
+    a_s: float                  # alpha_s
+    s_s: float                  # sigma_s
+    a_t: float                  # alpha_t
+    s_t: float                  # sigma_t
+    r: tuple[float, ...]        # r_j: the fractions of h actually reached (see prepare)
+    t64: list[Tensor]           # s_j as float64 tensors on the state's device (model times)
+    alpha: list[float]          # alpha_{s_j}
+    sigma: list[float]          # sigma_{s_j}
+    coefs: Any = None           # the method's named coefficients (``stage_coefficients``)
 
 
 @dataclass
@@ -350,20 +369,22 @@ class ExponentialSinglestep(Solver):
             # the fractions actually reached: lambda(t_of_log_snr(lam)) may differ from lam by
             # round-off of the inverse (1e-12 for sub-VP); using the reached values keeps every
             # stage on the schedule it is evaluated at (the formulas hold for any r)
-            stages.append(dict(
+            stage = SinglestepStage(
                 r=tuple((v - lam[i]) / h for v in lam_reached[sl]) if fr else (), h=h,
                 a_s=alpha[i], s_s=sigma[i], a_t=alpha[i + 1], s_t=sigma[i + 1],
                 t64=list(t_dev[sl]) if fr else [],
                 alpha=a_all[sl] if fr else [], sigma=s_all[sl] if fr else [],
-            ))
-            stages[-1]["c"] = self.stage_coefficients(stages[-1], k)
+            )
+            stage.coefs = self.stage_coefficients(stage, k)
+            stages.append(stage)
         tab.stages = stages
         return tab
 
-    def stage_coefficients(self, st: dict, k: int) -> tuple[float, ...]:
-        """The scalar coefficients :meth:`combine` needs for an order-k outer step, computed
-        here once per call (float64) so that the loop only indexes them."""
-        return ()
+    def stage_coefficients(self, st: SinglestepStage, k: int) -> Any:
+        """The scalar coefficients :meth:`combine` needs for an order-k outer step (a small
+        NamedTuple per step kind), computed here once per call (float64) so that the loop
+        only reads them."""
+        return None
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
         k = tab.orders[i]

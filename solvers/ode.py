@@ -106,11 +106,13 @@ class Heun(Solver):
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
+        # scale = alpha_{i+1}/alpha_i, euler = alpha_{i+1} Delta = -sigma_{i+1} expm1(h_i), half = euler/2
         eps = model.evaluate(x, tab.t64[i]).eps
         ax = x * tab.scale_f[i]
-        x_next = torch.add(ax, eps, alpha=tab.euler_f[i])
+        x_next = torch.add(ax, eps, alpha=tab.euler_f[i])                # x~ = scale x + euler eps_i
         if not (self.last_step_euler and i == tab.steps - 1):
             eps2 = model.evaluate(x_next, tab.t64[i + 1]).eps
+            # x_{i+1} = scale x + half (eps_i + eps(x~)), accumulated into the scaled copy
             x_next = ax.add_(eps, alpha=tab.half_f[i]).add_(eps2, alpha=tab.half_f[i])
         return x_next, state
 
