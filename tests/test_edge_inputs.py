@@ -75,15 +75,16 @@ def test_vp_valid_T_range_in_the_message_is_the_boundary(sde_cls):
 
 
 def test_sde_valid_neighbours_still_construct():
-    VPSDE(T=8.0)
-    SubVPSDE(T=8.0)
-    VPSDE(beta_min=1e-3, beta_max=1e-3)
-    VESDE(sigma_min=1e-100, sigma_max=1e100)
-    EDMSDE(sigma_min=1e-100, sigma_max=1e100)
-    CosineVPSDE(T=1e-3)                       # T equal to the default t_end
-    RectifiedFlowSDE(T=1.0 - 1e-16)
-    DiscreteVPSDE(betas=[0.5])                # N = 1: default t_end = T
-    DiscreteVPSDE(betas=[0.999] * 100)        # alphas_cumprod[-1] = 1e-300
+    """Inputs just inside the valid ranges construct, and their schedules are finite at both ends."""
+    for sde in (VPSDE(T=8.0), SubVPSDE(T=8.0), VPSDE(beta_min=1e-3, beta_max=1e-3),
+                VESDE(sigma_min=1e-100, sigma_max=1e100), EDMSDE(sigma_min=1e-100, sigma_max=1e100),
+                CosineVPSDE(T=1e-3),                   # T equal to the default t_end
+                RectifiedFlowSDE(T=1.0 - 1e-16),
+                DiscreteVPSDE(betas=[0.5]),            # N = 1: default t_end = T
+                DiscreteVPSDE(betas=[0.999] * 100)):   # alphas_cumprod[-1] = 1e-300
+        ends = torch.tensor([sde.default_t_end, sde.T], dtype=F64)
+        assert 0.0 < sde.default_t_end <= sde.T
+        assert bool(torch.isfinite(sde.log_snr(ends)).all()), sde
 
 
 # ------------------------------------------------------------- a state that holds no values

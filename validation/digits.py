@@ -187,7 +187,7 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m validation.digits", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default="/work/digits/digits.pt")
+    ap.add_argument("--checkpoint", default="digits.pt")
     ap.add_argument("--n-exact", type=int, default=300, help="test images for the exact trace (first N; 0: skip)")
     ap.add_argument("--n-hutchinson", type=int, default=300, help="test images for Hutchinson (first N, >= 2)")
     ap.add_argument("--batch", type=int, default=100, help="images per ODE solve (they share adaptive steps)")
