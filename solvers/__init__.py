@@ -14,6 +14,7 @@ from .sde_samplers import AdaptiveSDE, Ancestral, EulerMaruyama, ReverseDiffusio
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from . import unipc  # noqa: F401
 from .unipc import UniPC
+from . import deis, ipndm  # noqa: F401  (registers deis, ipndm)
 from .likelihood import LikelihoodResult, bits_per_dim, encode, log_likelihood
 from .calibrate import CalibratedGrid, calibrate_timesteps
 
