@@ -90,12 +90,20 @@ class SDE:
     exponential-integrator solvers need a :class:`LinearSDE`.
 
     **Attributes:** ``T`` (end of the forward time), ``default_t_end`` (where sampling
-    stops by default), ``prior_std``.
+    stops by default), ``prior_std``, ``knots`` (see :attr:`knots`).
     """
 
     T: float = 1.0
     default_t_end: float = 1e-3
     prior_std: float = 1.0
+
+    @property
+    def knots(self) -> Tensor:
+        """The times in ``(0, T)`` where the coefficients are not smooth (a jump in
+        :math:`f` or :math:`g`, or in a derivative), sorted, float64; empty for a smooth SDE.
+        An adaptive solver steps onto the knots inside its interval (torchdiffeq's
+        ``jump_t``) instead of shrinking its steps to cross them."""
+        return torch.empty(0, dtype=torch.float64)
 
     # ------------------------------------------------------------------ contract
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
@@ -535,7 +543,9 @@ class DiscreteVPSDE(_VPFamily):
     interpolated piecewise-linearly in between.  VP: :math:`\sigma^2 = 1-\alpha^2`,
     :math:`g^2 = -2f` (piecewise constant).  ``T = 1``; default ``t_end = 1/N`` (the first
     training step).  A network trained on integer steps n takes the time input
-    ``N t - 1`` (``ScoreModel(..., time_input="discrete")``).
+    ``N t - 1`` (``ScoreModel(..., time_input="discrete")``).  :math:`f` and :math:`g` jump at
+    the interior knots :math:`k/N`, :math:`k = 1, \dots, N-1` (:attr:`knots`); a segment is
+    closed on the left, so the coefficients at a knot are those of the segment above it.
     """
 
     def __init__(self, betas: Any = None, alphas_cumprod: Any = None):
@@ -598,9 +608,17 @@ class DiscreteVPSDE(_VPFamily):
             i = int(torch.nonzero(~torch.isfinite(v)).flatten()[0])
             raise ValueError(f"{name} must be finite; {name}[{i}]={float(v[i])}")
 
+    @property
+    def knots(self) -> Tensor:
+        r"""The interior knots :math:`k/N`, :math:`k = 1, \dots, N-1` (float64), where
+        :math:`f` and :math:`g` jump."""
+        return self._t_knots[1:-1].clone()
+
     def _segment(self, t: Tensor) -> Tensor:
-        n = self.num_steps
-        return (t * n).floor().clamp(0, n - 1).long()
+        # compared with the knot values themselves (not floor(N t), which can put the float64
+        # just below a knot on the knot's own segment): t in [t_k, t_{k+1}) -> segment k
+        k = torch.searchsorted(self._t_knots.to(device=t.device, dtype=t.dtype), t.contiguous(), right=True) - 1
+        return k.clamp(0, self.num_steps - 1)
 
     def _log_alpha(self, t: Tensor) -> Tensor:
         k = self._segment(t)

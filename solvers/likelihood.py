@@ -125,7 +125,7 @@ from scoresde.model import ScoreModel
 from scoresde.sde import SDE
 
 from .base import CheckedModel, NonFiniteError, Solution, SolverError, _check_model, _check_net_device
-from .ode import PFODE, check_tolerances, pf_ode_drift
+from .ode import PFODE, check_tolerances, knots_inside, pf_ode_drift
 from .timesteps import TimeGrid
 
 __all__ = ["LikelihoodResult", "log_likelihood", "encode", "bits_per_dim", "EXACT_TRACE_WARN_DIMS"]
@@ -452,6 +452,9 @@ class _Problem:
             func.callback_step = on_attempt
             func.callback_accept_step = on_accept
             options["step_t"] = torch.tensor([self.T], dtype=self.tdtype)
+            jumps = knots_inside(self.sde, self.t_end, self.T, self.tdtype)
+            if jumps.numel():
+                options["jump_t"] = jumps    # step onto the schedule's knots (see pf_ode)
         delta0 = x.new_zeros(b) if V is None else x.new_zeros(b, V.shape[0])
         try:
             with torch.no_grad():

@@ -227,6 +227,10 @@ class PFODE(Solver):
     ``rtol``/``atol``; fixed-grid methods such as ``rk4`` step on the time grid).  The model is
     never evaluated outside ``[t_end, t_start]`` (``step_t`` at the end point and a clamp).
     ``max_steps`` bounds adaptive steps (a :class:`SolverError` with where it stopped).
+    The adaptive Runge--Kutta methods step onto the SDE's ``knots`` inside the interval
+    (torchdiffeq's ``jump_t``; their number in ``stats["knots"]``), so a piecewise schedule such
+    as :class:`~scoresde.DiscreteVPSDE` is integrated segment by segment (at least one step, 7 NFE
+    with dopri5, per segment) instead of shrinking the step at every jump in the drift.
     ``rtol`` below 100 eps of the state dtype is clamped with a warning (reported in
     ``stats``); the default (``None``) is 1e-5, silently raised to 1.19e-5 for float32.
     NFE: as many as the integrator makes, counted at the model."""
@@ -320,6 +324,10 @@ class PFODE(Solver):
         elif self.ode_method in self._ADAPTIVE_RK:
             options["step_t"] = torch.tensor([grid.t_end], dtype=dtype)
             options["max_num_steps"] = self.max_steps
+            jumps = knots_inside(model.sde, t_lo, t_hi, dtype)
+            if jumps.numel():
+                options["jump_t"] = jumps
+                stats["knots"] = jumps.numel()
         traj = None
         with torch.no_grad():
             try:
@@ -356,6 +364,21 @@ class PFODE(Solver):
 class _MaxSteps(Exception):
     def __str__(self) -> str:
         return "max_steps reached"
+
+
+def knots_inside(sde: SDE, t_lo: float, t_hi: float, dtype: torch.dtype) -> Tensor:
+    """The SDE's knots strictly inside ``(t_lo, t_hi)``, in ``dtype`` (the integrator's time
+    dtype), for torchdiffeq's ``jump_t``: the adaptive solver then ends a step on each knot and
+    re-evaluates the drift just past it, instead of shrinking its steps to cross the jump.
+    The interval's end points are never included (they are ``step_t``/``t`` already)."""
+    knots = getattr(sde, "knots", None)
+    if knots is None:
+        return torch.empty(0, dtype=dtype)
+    knots = torch.as_tensor(knots, dtype=torch.float64).detach().cpu().to(dtype)
+    # compared in dtype, so a knot that rounds onto an end point is dropped (jump_t and step_t
+    # must not share a value)
+    lo, hi = (torch.tensor(v, dtype=torch.float64).to(dtype) for v in (t_lo, t_hi))
+    return knots[(knots > lo) & (knots < hi)]
 
 
 def pf_ode_drift(model: ScoreModel, ev: CheckedModel, like: Tensor):
