@@ -24,8 +24,8 @@ from torch import Tensor
 from scoresde.sde import SDE
 
 from ._registry import register
-from .base import CheckedModel, Solver, StepTable
-from .exponential import split_like, to_dtype_floats
+from .base import CheckedModel, StepTable
+from .exponential import StepRatioRule, _need_finite_lam, split_like, to_dtype_floats
 from .timesteps import TimeGrid
 
 __all__ = ["EpsMultistep", "DEIS"]
@@ -35,21 +35,24 @@ QUAD_NODES = 16
 
 
 @dataclass
-class EpsMultistep(Solver):
+class EpsMultistep(StepRatioRule):
     r"""Base of the noise-prediction multistep methods in the scaled state :math:`x/\alpha`:
 
     .. math:: x_{i+1} = \frac{\alpha_{i+1}}{\alpha_i}x_i + \sum_{j<k_i} c_{ij}\,\hat\epsilon^{(i-j)},
 
     one network evaluation per step; :math:`k_i = \min(\text{order}, i+1)` (lower-order
-    warm-up).  Subclasses set ``max_order`` and implement :meth:`weights`, which returns every
-    :math:`c_{ij}` (float64) once per call.  No step-ratio rule is applied (the original
-    methods have none)."""
+    warm-up), lowered further where a history gap is short against the step (the multistep
+    methods' shared rule, :meth:`StepRatioRule.stable_orders`, on the steps in log-SNR:
+    ``min_gap_ratio=0`` gives the original methods, which have none).  Subclasses set
+    ``max_order`` and implement :meth:`weights`, which returns every :math:`c_{ij}` (float64)
+    once per call."""
 
     max_order: ClassVar[int] = 3
     default_schedule: ClassVar[str] = "log_snr"
     order: int = 3
 
     def validate_options(self) -> None:
+        super().validate_options()
         k = self.order
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"order must be an int in 1..{self.max_order}, got {k!r}")
@@ -64,9 +67,8 @@ class EpsMultistep(Solver):
 
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
         tab = super().prepare(sde, grid, like)
-        if not bool(torch.isfinite(tab.lam64).all()):
-            raise ValueError(f"{self.name} needs a finite log-SNR on the whole grid (t_end > 0 and alpha(T) > 0)")
-        tab.orders = self.orders_for(grid.steps)
+        _need_finite_lam(tab, self.name)
+        tab.orders, tab.order_lowered_at = self.stable_orders(self.orders_for(grid.steps), tab.h64.tolist())
         w = self.weights(sde, tab)
         tab.coef_f = split_like(to_dtype_floats([c for row in w for c in row], like), w)
         tab.x_coef_f = to_dtype_floats((tab.alpha64[1:] / tab.alpha64[:-1]).tolist(), like)

@@ -116,7 +116,7 @@ def _lagrange_weights(nodes: tuple, h: float, rate: float) -> tuple:
 
 
 #: Default smallest ratio h_{i-j}/h_i of a history gap to the current step at which a
-#: multistep method keeps its order (:meth:`ExponentialMultistep.stable_orders`).
+#: multistep method keeps its order (:meth:`StepRatioRule.stable_orders`).
 MIN_GAP_RATIO = 1.0 / 3.0
 
 
@@ -138,45 +138,21 @@ def _need_finite_lam(tab: StepTable, name: str) -> None:
 
 
 @dataclass
-class ExponentialMultistep(Solver):
-    r"""Base of the data-prediction multistep methods (DPM-Solver++ family, UniPC).
+class StepRatioRule(Solver):
+    """The multistep bases' shared stability rule: option ``min_gap_ratio`` and
+    :meth:`stable_orders`, applied once per call in ``prepare``; ``stats["order_lowered_at"]``
+    lists the steps it lowered."""
 
-    Each step makes **one** network evaluation, pushes :math:`\hat x_0` onto the
-    :class:`History` and applies
-
-    .. math:: x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}\sum_{j<k_i} c_{i,j}\,\hat x_0^{(i-j)},
-
-    with weights from :meth:`weights` precomputed in ``prepare``.  The order used at step i is
-    :math:`k_i = \min(\text{order}, i+1)` (warm-up), and with ``lower_order_final`` also
-    :math:`\le` steps - i (DPM-Solver's stabiliser for few steps; off by default so the
-    method keeps its order).  On any grid the order is further lowered where a history node
-    sits too close to its neighbour (:meth:`stable_orders`, option ``min_gap_ratio``);
-    ``stats["orders"]`` reports the orders used and ``stats["order_lowered_at"]`` the steps
-    where that rule lowered one.
-    Subclasses define ``order`` and ``weights``; UniPC adds a corrector through :meth:`correct`.
-    """
-
-    order: ClassVar[int] = 2
-    default_schedule: ClassVar[str] = "log_snr"
-    lower_order_final: bool = False
     #: smallest ratio h_{i-j}/h_i of a history gap to the step that keeps the order
     #: (:meth:`stable_orders`; 0 switches the rule off)
     min_gap_ratio: float = MIN_GAP_RATIO
 
     def validate_options(self) -> None:
-        if not isinstance(self.lower_order_final, bool):
-            raise TypeError(f"lower_order_final must be a bool, got {self.lower_order_final!r}")
         r = self.min_gap_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)):
             raise TypeError(f"min_gap_ratio must be a real number in [0, 1], got {r!r}")
         if not 0.0 <= float(r) <= 1.0:
             raise ValueError(f"min_gap_ratio must be in [0, 1], got {r!r}")
-
-    def orders_for(self, steps: int) -> list[int]:
-        orders = [min(self.order, i + 1) for i in range(steps)]
-        if self.lower_order_final:
-            orders = [min(k, steps - i) for i, k in enumerate(orders)]
-        return orders
 
     def stable_orders(self, orders: list[int], h: list[float]) -> tuple[list[int], list[int]]:
         r"""The orders to use and the steps where they were lowered, decided from the grid
@@ -225,6 +201,41 @@ class ExponentialMultistep(Solver):
 
     def stats(self, table: StepTable) -> dict:
         return {**super().stats(table), "order_lowered_at": list(table.order_lowered_at or [])}
+
+
+@dataclass
+class ExponentialMultistep(StepRatioRule):
+    r"""Base of the data-prediction multistep methods (DPM-Solver++ family, UniPC).
+
+    Each step makes **one** network evaluation, pushes :math:`\hat x_0` onto the
+    :class:`History` and applies
+
+    .. math:: x_{i+1} = \frac{\sigma_{i+1}}{\sigma_i}x_i + \alpha_{i+1}\sum_{j<k_i} c_{i,j}\,\hat x_0^{(i-j)},
+
+    with weights from :meth:`weights` precomputed in ``prepare``.  The order used at step i is
+    :math:`k_i = \min(\text{order}, i+1)` (warm-up), and with ``lower_order_final`` also
+    :math:`\le` steps - i (DPM-Solver's stabiliser for few steps; off by default so the
+    method keeps its order).  On any grid the order is further lowered where a history node
+    sits too close to its neighbour (:meth:`stable_orders`, option ``min_gap_ratio``);
+    ``stats["orders"]`` reports the orders used and ``stats["order_lowered_at"]`` the steps
+    where that rule lowered one.
+    Subclasses define ``order`` and ``weights``; UniPC adds a corrector through :meth:`correct`.
+    """
+
+    order: ClassVar[int] = 2
+    default_schedule: ClassVar[str] = "log_snr"
+    lower_order_final: bool = False
+
+    def validate_options(self) -> None:
+        super().validate_options()
+        if not isinstance(self.lower_order_final, bool):
+            raise TypeError(f"lower_order_final must be a bool, got {self.lower_order_final!r}")
+
+    def orders_for(self, steps: int) -> list[int]:
+        orders = [min(self.order, i + 1) for i in range(steps)]
+        if self.lower_order_final:
+            orders = [min(k, steps - i) for i, k in enumerate(orders)]
+        return orders
 
     def weights(self, k: int, nodes: list[float], h: float) -> list[float]:
         """Weights of the last k data predictions (newest first) at offsets ``nodes``

@@ -41,7 +41,8 @@ TARGET = _target()
 ODE_CONFIGS = [("dpmpp_2m", {}), ("dpmpp_2m", {"solver_type": "heun"}), ("dpmpp_3m", {}),
                ("dpmpp_3m", {"warmup": "singlestep"}), ("dpmpp_3m", {"lower_order_final": True})] + [
     ("unipc", dict(order=p, variant=v, use_corrector=c))
-    for p in (1, 2, 3) for v in ("bh1", "bh2") for c in (True, False)]
+    for p in (1, 2, 3) for v in ("bh1", "bh2") for c in (True, False)] + [
+    ("deis", {}), ("deis", {"order": 2}), ("ipndm", {}), ("ipndm", {"order": 2})]
 SDE_METHODS = ("dpmpp_2m_sde", "dpmpp_3m_sde")
 
 
@@ -114,7 +115,7 @@ NO_GAP_GRID = [1.0, 0.5, 0.3, 1e-3]
 
 
 @pytest.mark.parametrize("grid", [GAP_GRID, GAP12_GRID], ids=["gap1e-6", "gap1e-12"])
-@pytest.mark.parametrize("method", ["unipc", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+@pytest.mark.parametrize("method", ["unipc", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde", "deis", "ipndm"])
 def test_near_duplicate_node_costs_little(method, grid):
     """VP, 4 coarse steps plus one 1e-6 / 1e-12 interval: the error stays within 2x the
     better of the first-order method on the grid and the same method without the extra node
