@@ -127,7 +127,10 @@ def test_refinement_never_worse_than_its_starts_on_the_calibration_batch():
             assert e_cal <= float((x - exact).pow(2).mean().sqrt()) * (1 + 1e-4), (method, sch)
 
 
-def _held_out(seed: int):
+def _held_out(seed: int) -> list:
+    """The (seed, steps, method, calibrated error, best standard error) cases where the
+    calibrated grid does not beat every standard grid on the held-out samples."""
+    losses = []
     sde = scoresde.VPSDE()
     target = _diag_mixture(64, seed)
     model = target.as_model(sde, "eps")
@@ -147,7 +150,9 @@ def _held_out(seed: int):
             assert on_cal.nfe == steps
             e_cal = float((on_cal.x - exact).pow(2).mean().sqrt())
             e_std = min(float((v - exact).pow(2).mean().sqrt()) for v in err.values())
-            assert e_cal < e_std, (seed, steps, method, e_cal, e_std)
+            if not e_cal < e_std:
+                losses.append((seed, steps, method, e_cal, e_std))
+    return losses
 
 
 def test_calibrated_grid_beats_standard_grids_on_held_out_samples():
@@ -156,12 +161,12 @@ def test_calibrated_grid_beats_standard_grids_on_held_out_samples():
     standard grid (log-SNR, uniform, quadratic, Karras) at 8 and 10 steps.  (With 32
     calibration samples the fit can follow a few hard trajectories and lose: see the module
     docstring.)"""
-    _held_out(0)
+    assert _held_out(0) == []
 
 
 @pytest.mark.slow
 def test_calibrated_grid_beats_standard_grids_on_held_out_samples_second_problem():
-    _held_out(2)
+    assert _held_out(2) == []
 
 
 def test_calibrate_needs_no_net_call_on_bad_input():
