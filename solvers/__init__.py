@@ -13,10 +13,14 @@ from . import sde_samplers, correctors  # noqa: F401
 from .sde_samplers import AdaptiveSDE, Ancestral, EulerMaruyama, ReverseDiffusion
 from .correctors import AnnealedLangevin, LangevinCorrector, PredictorCorrector
 from . import unipc  # noqa: F401
+from .dpm_v3 import DPMSolverV3  # noqa: F401  (registers dpm_solver_v3)
 from .unipc import UniPC
 from . import deis, ipndm  # noqa: F401  (registers deis, ipndm)
 from .likelihood import LikelihoodResult, bits_per_dim, encode, log_likelihood
-from .calibrate import CalibratedGrid, calibrate_timesteps
+from .calibrate import CalibratedGrid, calibrate_many, calibrate_timesteps
+from .ays import OptimizedGrid, optimize_timesteps
+from .ems import EMS, ems_statistics
+from . import auto  # noqa: F401  (method="auto": solvers.auto.RULE)
 
 __all__ = [
     "sample", "available_methods", "get", "register", "Solution", "Solver", "SolverError",
@@ -25,5 +29,6 @@ __all__ = [
     "EulerMaruyama", "ReverseDiffusion", "Ancestral", "AdaptiveSDE",
     "LangevinCorrector", "AnnealedLangevin", "PredictorCorrector",
     "log_likelihood", "bits_per_dim", "encode", "LikelihoodResult",
-    "calibrate_timesteps", "CalibratedGrid",
+    "calibrate_timesteps", "calibrate_many", "CalibratedGrid", "optimize_timesteps", "OptimizedGrid",
+    "ems_statistics", "EMS", "DPMSolverV3",
 ]

@@ -29,6 +29,7 @@ from scoresde.model import Denoised, ScoreModel
 from scoresde.sde import SDE, LinearSDE
 
 from . import _registry
+from .first_step import analytic_denoised, check_analytic_first_step
 from .noise import NoiseSource, make_noise
 from .timesteps import TimeGrid, check_timesteps, make_grid, match_t_end
 
@@ -167,19 +168,28 @@ class CheckedModel:
     """The model as a solver sees it: one counted ``evaluate`` per call, with non-finite
     outputs caught where they happen (CPU: at once; CUDA: recorded on the device and
     checked after the loop, so the loop never synchronises) and a step/time note added
-    to any exception the network raises."""
+    to any exception the network raises.
 
-    def __init__(self, model: ScoreModel, steps: int | None, check_finite: bool):
+    ``analytic_start``: the grid's start time (float64 scalar) when the first evaluation is
+    to be answered by :func:`solvers.first_step.analytic_denoised` instead of the network
+    (``sample(..., analytic_first_step=True)``); ``analytic_used`` says whether it was."""
+
+    def __init__(self, model: ScoreModel, steps: int | None, check_finite: bool,
+                 analytic_start: Tensor | None = None):
         # ``steps=None``: an adaptive solve, whose positions are counted in evaluations
         self.model, self.sde, self.steps, self.check_finite = model, model.sde, steps, check_finite
         self.step_index = 0
         self._deferred: list[tuple[int, Tensor, Tensor]] = []
+        self._analytic_start = analytic_start
+        self.analytic_used = False
 
     def where(self, step: int | None = None) -> str:
         step = self.step_index if step is None else step
         return f"evaluation {step + 1}" if self.steps is None else f"step {step + 1}/{self.steps}"
 
     def evaluate(self, x: Tensor, t64: Tensor) -> Denoised:
+        if self._analytic_start is not None:
+            return self._analytic(x, t64)
         try:
             d = self.model.evaluate(x, t64, validate=False)
         except Exception as err:  # re-raised unchanged, with where it happened
@@ -198,6 +208,15 @@ class CheckedModel:
                 bad = ~torch.isfinite(raw)
                 self._deferred.append((self.step_index, t64, bad.reshape(bad.shape[0], -1).any(1)))
         return d
+
+    def _analytic(self, x: Tensor, t64: Tensor) -> Denoised:
+        """The first evaluation, answered without the network (at the grid's start only)."""
+        start, self._analytic_start = self._analytic_start, None
+        if t64.numel() != 1 or float(t64) != float(start):
+            raise ValueError("analytic_first_step: the method's first evaluation is at "
+                             f"t={float(t64.reshape(-1)[0]):.6g}, not at the grid's start {float(start):.6g}")
+        self.analytic_used = True
+        return analytic_denoised(self.sde, x, t64)
 
     def _raise(self, bad: Tensor, t64: Tensor, step: int | None = None) -> None:
         step = self.step_index if step is None else step
@@ -361,7 +380,8 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
            t_end: float | None = None, schedule: str | None = None, timesteps: Any = None,
            t_start: float | None = None, rho: float = 7.0, generator: Any = None,
            return_trajectory: bool = False, callback: Callable[[StepInfo], None] | None = None,
-           final_denoise: bool = False, nonfinite: str = "raise", **method_options: Any) -> Solution:
+           final_denoise: bool = False, nonfinite: str = "raise", analytic_first_step: bool = False,
+           **method_options: Any) -> Solution:
     """Integrate the reverse process of ``model.sde`` from ``x_T`` at ``t_start`` (default T)
     to ``t_end`` (default ``sde.default_t_end``) with ``method``.
 
@@ -369,8 +389,10 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
 
     - ``model``: a :class:`scoresde.ScoreModel`.
     - ``x_T``: the starting state ``[B, ...]`` (float16/32/64; never modified).
-    - ``method``: a registered name (:func:`available_methods`) with ``**method_options``, or
-      a solver instance.
+    - ``method``: a registered name (:func:`available_methods`) with ``**method_options``, a
+      solver instance, or ``"auto"``: a fixed documented rule picks the method, its options and
+      the grid from ``steps``, which is then the NFE budget (:mod:`solvers.auto`; optional
+      ``calibration=`` a :class:`CalibratedGrid`); ``stats["auto"]`` records the choice.
     - ``steps``: number of grid intervals (for singlestep DPM-Solver: the NFE budget), or
       ``timesteps``: an explicit strictly decreasing grid (list or 1-D tensor).
     - ``schedule``: ``"uniform" | "log_snr" | "quadratic" | "karras"`` (``rho``), default per method.
@@ -384,12 +406,27 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
       which never synchronises, so the final state is returned and the message names the
       first failing step).
     - ``callback``: called after every step with a :class:`StepInfo`.
+    - ``analytic_first_step``: answer the first network evaluation (at ``t_start``) with the
+      exact prediction of :math:`N(0, I)` data, :math:`\\hat\\epsilon = \\sigma x/(\\sigma^2+\\alpha^2)`,
+      without calling the network (Zhou et al. 2024, AFS; :mod:`solvers.first_step`): one NFE
+      less, an error of order :math:`\\alpha(t_{start})` in that prediction, so meant for
+      ``t_start = T``.  Fixed-step deterministic methods only (ValueError otherwise);
+      ``stats["analytic_first_step"]`` says whether it was used.
 
     **Returns:** a :class:`Solution`.  Runs under ``torch.no_grad()``.
 
     **Raises:** ``ValueError``/``TypeError`` for bad input, before any network call;
     :class:`NonFiniteError`, :class:`SolverError`.
     """
+    if isinstance(method, str) and method == "auto":
+        from .auto import sample_auto
+        calibration = method_options.pop("calibration", None)
+        if analytic_first_step:
+            raise ValueError("method='auto' decides analytic_first_step itself; leave it False")
+        return sample_auto(sample, model, x_T, steps, schedule=schedule, timesteps=timesteps,
+                           calibration=calibration, method_options=method_options, t_end=t_end,
+                           t_start=t_start, generator=generator, return_trajectory=return_trajectory,
+                           callback=callback, final_denoise=final_denoise, nonfinite=nonfinite)
     solver = _registry.get(method, **method_options)
     model = _check_model(model)
     x_T = check_batch_tensor(x_T, "x_T")
@@ -398,6 +435,7 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
     sde = model.sde
     if solver.requires_linear_sde and not isinstance(sde, LinearSDE):
         raise TypeError(f"{solver.name} needs a LinearSDE; got {type(sde).__name__}")
+    analytic_first_step = check_analytic_first_step(analytic_first_step, solver, sde)
     grid = build_grid(solver, sde, steps, timesteps, schedule, t_end, t_start, rho)
     # validated for every method (a wrong generator list is an error even where no noise is drawn)
     noise = make_noise(generator, x_T.shape[0], x_T.device)
@@ -407,7 +445,8 @@ def sample(model: ScoreModel, x_T: Tensor, method: Any = "dpmpp_2m", steps: int 
         return solver.run(model, x_T, grid, noise=noise, return_trajectory=return_trajectory,
                           callback=callback, final_denoise=final_denoise, nonfinite=nonfinite)
     return integrate(solver, model, x_T, grid, noise=noise, return_trajectory=return_trajectory,
-                     callback=callback, final_denoise=final_denoise, nonfinite=nonfinite)
+                     callback=callback, final_denoise=final_denoise, nonfinite=nonfinite,
+                     analytic_first_step=analytic_first_step)
 
 
 def _trivial_solution(x_T: Tensor, grid: TimeGrid, return_trajectory: bool, stats: dict) -> Solution:
@@ -424,14 +463,20 @@ def _state_dtype(x: Tensor) -> torch.dtype:
 
 def integrate(solver: Solver, model: ScoreModel, x_T: Tensor, grid: TimeGrid, *, noise: NoiseSource | None,
               return_trajectory: bool = False, callback: Callable[[StepInfo], None] | None = None,
-              final_denoise: bool = False, nonfinite: str = "raise") -> Solution:
-    """The one step loop shared by every fixed-step solver (inputs already validated)."""
+              final_denoise: bool = False, nonfinite: str = "raise",
+              analytic_first_step: bool = False) -> Solution:
+    """The one step loop shared by every fixed-step solver (inputs already validated).
+    ``analytic_first_step``: the first evaluation (at ``grid.t[0]``) is answered analytically
+    (:class:`CheckedModel`, ``analytic_start``)."""
     nfe0 = model.nfe
     stats: dict = {"solver": solver.name, "schedule": grid.schedule, "status": "success"}
+    if analytic_first_step:
+        stats["analytic_first_step"] = False
     if x_T.shape[0] == 0 or grid.t_start == grid.t_end:
         return _trivial_solution(x_T, grid, return_trajectory, {**stats, "orders": []})
     x = x_T.detach().to(_state_dtype(x_T), copy=True)      # never in a graph, never the caller's tensor
-    ev = CheckedModel(model, grid.steps, check_finite=True)
+    ev = CheckedModel(model, grid.steps, check_finite=True,
+                      analytic_start=grid.t[0] if analytic_first_step else None)
     traj = [x] if return_trajectory else None
     with torch.no_grad():
         table = solver.prepare(model.sde, grid, x)
@@ -453,6 +498,8 @@ def integrate(solver: Solver, model: ScoreModel, x_T: Tensor, grid: TimeGrid, *,
                 raise
             stats.update(status="nonfinite", message=str(err), t_reached=err.t_reached)
     stats.update(solver.stats(table))
+    if analytic_first_step:
+        stats["analytic_first_step"] = ev.analytic_used
     out = x.to(x_T.dtype)
     trajectory = torch.stack(traj).to(x_T.dtype) if traj is not None else None
     return Solution(out, model.nfe - nfe0, grid.t, trajectory, stats)

@@ -43,7 +43,9 @@ class EpsMultistep(StepRatioRule):
     one network evaluation per step; :math:`k_i = \min(\text{order}, i+1)` (lower-order
     warm-up), lowered further where a history gap is short against the step (the multistep
     methods' shared rule, :meth:`StepRatioRule.stable_orders`, on the steps in log-SNR:
-    ``min_gap_ratio=0`` gives the original methods, which have none).  Subclasses set
+    ``min_gap_ratio=0`` gives the original methods, which have none), and on grids of fewer
+    than 15 steps by the few-step rule (final steps lowered, orders above 2 only where
+    h <= 0.5 in lambda; ``lower_order_final=False`` switches it off, :class:`StepRatioRule`).  Subclasses set
     ``max_order`` and implement :meth:`weights`, which returns every :math:`c_{ij}` (float64)
     once per call."""
 
@@ -60,7 +62,10 @@ class EpsMultistep(StepRatioRule):
             raise ValueError(f"order must be in 1..{self.max_order} for {self.name}, got {k!r}")
 
     def orders_for(self, steps: int) -> list[int]:
-        return [min(self.order, i + 1) for i in range(steps)]
+        orders = [min(self.order, i + 1) for i in range(steps)]
+        if self.final_lowered(steps):
+            orders = [min(k, steps - i) for i, k in enumerate(orders)]
+        return orders
 
     def weights(self, sde: SDE, tab: StepTable) -> list[list[float]]:
         raise NotImplementedError
@@ -68,7 +73,7 @@ class EpsMultistep(StepRatioRule):
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
         tab = super().prepare(sde, grid, like)
         _need_finite_lam(tab, self.name)
-        tab.orders, tab.order_lowered_at = self.stable_orders(self.orders_for(grid.steps), tab.h64.tolist())
+        tab.orders, tab.order_lowered_at = self.grid_orders(grid.steps, tab.h64.tolist())
         w = self.weights(sde, tab)
         tab.coef_f = split_like(to_dtype_floats([c for row in w for c in row], like), w)
         tab.x_coef_f = to_dtype_floats((tab.alpha64[1:] / tab.alpha64[:-1]).tolist(), like)

@@ -24,7 +24,7 @@ from scoresde.sde import SDE
 from ._registry import register
 from .base import CheckedModel, StepTable
 from .exponential import (ExponentialMultistep, ExponentialSinglestep, History, SinglestepStage,
-                          lagrange_weights)
+                          exp_moments, lagrange_weights)
 from .timesteps import TimeGrid
 
 __all__ = [
@@ -156,7 +156,8 @@ class DPMSolver1(_DPMSolverEps):
 @dataclass
 class DPMSolver2(_DPMSolverEps):
     r"""DPM-Solver-2 (Lu et al. 2022a, Algorithm 1, :math:`r_1 = 1/2`): singlestep, order 2,
-    2 NFE per outer step; ``steps`` is the NFE budget (``allocation``)."""
+    2 NFE per outer step; ``steps`` is the NFE budget (``allocation``).  No few-step rule: at
+    3..10 NFE its error reaches 43x DDIM's (``benchmarks/few_steps_vs_ddim.py``)."""
 
     order: ClassVar[int] = 2
 
@@ -166,7 +167,8 @@ class DPMSolver2(_DPMSolverEps):
 class DPMSolver3(_DPMSolverEps):
     r"""DPM-Solver-3 (Lu et al. 2022a, Algorithm 2, :math:`r_1 = 1/3, r_2 = 2/3`): singlestep,
     order 3, 3 NFE per outer step; ``steps`` is the NFE budget, split by DPM-Solver-fast's
-    allocation so that nfe == steps (``allocation="fixed"``: steps divisible by 3)."""
+    allocation so that nfe == steps (``allocation="fixed"``: steps divisible by 3).  No few-step
+    rule: at 3..10 NFE its error reaches 42x DDIM's (``benchmarks/few_steps_vs_ddim.py``)."""
 
     order: ClassVar[int] = 3
 
@@ -179,7 +181,8 @@ class DPMSolverPP2S(ExponentialSinglestep):
     .. math:: u = \frac{\sigma_{s_1}}{\sigma_s}x_s - \alpha_{s_1}(e^{-rh}-1)\hat x_0(x_s, s),\quad
               x_t = \frac{\sigma_t}{\sigma_s}x_s - \alpha_t(e^{-h}-1)\Big[(1-\tfrac1{2r})\hat x_0(x_s,s) + \tfrac1{2r}\hat x_0(u, s_1)\Big].
 
-    Order 2, 2 NFE per outer step; ``steps`` is the NFE budget (``allocation``)."""
+    Order 2, 2 NFE per outer step; ``steps`` is the NFE budget (``allocation``).  No few-step
+    rule: at 3..10 NFE its error reaches 2.4x DDIM's (``benchmarks/few_steps_vs_ddim.py``)."""
 
     order: ClassVar[int] = 2
 
@@ -204,6 +207,46 @@ class DPMSolverPP2S(ExponentialSinglestep):
 
 
 # ----------------------------------------------------------------- multistep (x0)
+def midpoint_2m_weights(nodes: list[float], h: float, rate: float = 1.0) -> list[float]:
+    r"""DPM-Solver++(2M) "midpoint" weights (Lu et al. 2022b, Algorithm 2) on
+    :math:`(\hat x_0^{(i)}, \hat x_0^{(i-1)})`, ``nodes = [0, -h_{i-1}]``:
+    :math:`\varphi(1 + \tfrac1{2r}), -\varphi\tfrac1{2r}`, :math:`r = h_{i-1}/h_i`,
+    :math:`\varphi = \int_0^h e^{-c(h-u)}du = (1-e^{-ch})/c` (c = ``rate``)."""
+    phi1 = -math.expm1(-rate * h) / rate
+    inv2r = 0.5 * h / (-nodes[1])
+    return [phi1 * (1.0 + inv2r), -phi1 * inv2r]
+
+
+def paper_3m_weights(nodes: list[float], h: float, rate: float = 1.0) -> list[float]:
+    r"""DPM-Solver++(3M) as in the DPM-Solver codes and diffusers
+    (``multistep_dpm_solver_third_order_update``, ``dpmsolver++``), as weights on
+    :math:`(m_0, m_1, m_2) = (\hat x_0^{(i)}, \hat x_0^{(i-1)}, \hat x_0^{(i-2)})`,
+    ``nodes = [0, -h_0, -h_0-h_1]``.  With :math:`r_0 = h_0/h`, :math:`r_1 = h_1/h`,
+    :math:`D_{1,0} = (m_0-m_1)/r_0`, :math:`D_{1,1} = (m_1-m_2)/r_1`,
+    :math:`D_1 = D_{1,0} + \frac{r_0}{r_0+r_1}(D_{1,0}-D_{1,1})`,
+    :math:`D_2 = \frac{D_{1,0}-D_{1,1}}{r_0+r_1}`:
+
+    .. math:: x_t = \frac{\sigma_t}{\sigma_s}x_s - \alpha_t(e^{-h}-1)m_0
+              + \alpha_t\Big(\frac{e^{-h}-1}{h}+1\Big)D_1
+              - \alpha_t\Big(\frac{e^{-h}-1+h}{h^2}-\frac12\Big)D_2.
+
+    In moments :math:`J_m = \int_0^h u^m e^{-c(h-u)}du` (:func:`exp_moments`, c = ``rate``;
+    c = 1 is the formula above) the coefficients of :math:`m_0, D_1, D_2` are
+    :math:`J_0, J_1/h, J_2/(2h^2)`.  :math:`D_1/h` and :math:`D_2/h^2` are the first and the
+    leading coefficient of the quadratic through the three nodes, whose exact integral
+    (``formula="adams"``) has :math:`J_2/h^2` on :math:`D_2`: the paper's form has half of it."""
+    r0 = -nodes[1] / h
+    r1 = (nodes[1] - nodes[2]) / h
+    j0, j1, j2 = exp_moments(h, 3, rate)
+    a_d1, a_d2 = j1 / h, 0.5 * j2 / (h * h)
+    # D1 = (1 + q) D1_0 - q D1_1, D2 = (D1_0 - D1_1)/(r0 + r1), q = r0/(r0 + r1)
+    q = r0 / (r0 + r1)
+    w_d10 = a_d1 * (1.0 + q) + a_d2 / (r0 + r1)
+    w_d11 = -a_d1 * q - a_d2 / (r0 + r1)
+    # D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1
+    return [j0 + w_d10 / r0, -w_d10 / r0 + w_d11 / r1, -w_d11 / r1]
+
+
 @register("dpmpp_2m")
 @dataclass
 class DPMSolverPP2M(ExponentialMultistep):
@@ -228,10 +271,7 @@ class DPMSolverPP2M(ExponentialMultistep):
     def weights(self, k: int, nodes: list[float], h: float) -> list[float]:
         if k == 1 or self.solver_type == "heun":
             return lagrange_weights(nodes, h, self.rate())
-        c = self.rate()
-        phi1 = -math.expm1(-c * h) / c                 # integral of e^{-c(h-u)} over [0, h]
-        inv2r = 0.5 * h / (-nodes[1])                  # 1/(2 r), r = h_{i-1}/h_i
-        return [phi1 * (1.0 + inv2r), -phi1 * inv2r]
+        return midpoint_2m_weights(nodes, h, self.rate())
 
 
 class Warmup2S(NamedTuple):
@@ -253,15 +293,34 @@ class DPMSolverPP3M(ExponentialMultistep):
     :math:`L_j` the quadratic Lagrange basis through :math:`\lambda_i,\lambda_{i-1},\lambda_{i-2}`
     (exact for any step sizes).  Warm-up: orders 1, 2, 3, ...; ``warmup="singlestep"`` replaces
     the first step by DPM-Solver++(2S) (one extra NFE) so that the global order is 3 (a single
-    first-order starter step caps it at 2).  Order 3."""
+    first-order starter step caps it at 2).  Order 3.
+
+    ``formula="paper"``: the update of the DPM-Solver codes (Lu et al. 2022b; diffusers'
+    ``DPMSolverMultistepScheduler(solver_order=3)``), see :func:`paper_3m_weights`; its
+    second-order warm-up step is DPM-Solver++(2M) midpoint (:class:`DPMSolverPP2M`).  It
+    weights the second divided difference by half the exact integral, which leaves a local
+    error :math:`\alpha_t\tfrac{h^3}{12}\,d^2\hat x_0/d\lambda^2`: measured global order 2,
+    not 3 (``order`` stays 3, the history length; ``stats["orders"]`` reports 3 for those
+    steps)."""
 
     order: ClassVar[int] = 3
     warmup: str = "lower_order"
+    formula: str = "adams"
 
     def validate_options(self) -> None:
         super().validate_options()
         if self.warmup not in ("lower_order", "singlestep"):
             raise ValueError(f"warmup must be 'lower_order' or 'singlestep', got {self.warmup!r}")
+        if self.formula not in ("adams", "paper"):
+            raise ValueError(f"formula must be 'adams' or 'paper', got {self.formula!r}")
+
+    def weights(self, k: int, nodes: list[float], h: float) -> list[float]:
+        # by the nodes present (the singlestep warm-up's step 0 has order 2 but one node)
+        if self.formula == "adams" or len(nodes) == 1:
+            return lagrange_weights(nodes, h, self.rate())
+        if len(nodes) == 2:
+            return midpoint_2m_weights(nodes, h, self.rate())
+        return paper_3m_weights(nodes, h, self.rate())
 
     def expected_nfe(self, steps: int) -> int:
         return steps + (1 if self.warmup == "singlestep" else 0)
@@ -269,8 +328,9 @@ class DPMSolverPP3M(ExponentialMultistep):
     def orders_for(self, steps: int) -> list[int]:
         orders = super().orders_for(steps)
         if self.warmup == "singlestep":
-            # step 0 is always DPM-Solver++(2S) (two evaluations, order 2), also when
-            # lower_order_final would lower it (steps = 1): the stats report what ran
+            # step 0 is always DPM-Solver++(2S) (two evaluations, order 2), also where the
+            # final orders are lowered (lower_order_final=True, or the default few-step rule)
+            # and steps = 1 would make it order 1: the stats report what ran
             orders = [2] + orders[1:]
         return orders
 

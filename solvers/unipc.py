@@ -18,7 +18,8 @@ from scoresde.sde import SDE
 
 from ._registry import register
 from .base import CheckedModel, StepTable
-from .exponential import ExponentialMultistep, History, phi, solve_small, split_like, to_dtype_floats
+from .exponential import (FEW_STEP_MAX_H, ExponentialMultistep, History, phi, solve_small, split_like,
+                          to_dtype_floats)
 from .timesteps import TimeGrid
 
 __all__ = ["UniPC", "unipc_rhos"]
@@ -93,8 +94,11 @@ class UniPC(ExponentialMultistep):
 
     **Options:** ``order`` p in {1, 2, 3} (the predictor's order; warm-up uses orders
     1, 2, ... as history accumulates), ``variant`` "bh1" | "bh2", ``use_corrector``
-    (default True), ``lower_order_final`` (default False; True reproduces the reference code's
-    final steps of decreasing order, which lowers the global order to at most 2),
+    (default True), ``lower_order_final`` (default None: the few-step rule of
+    :class:`~solvers.exponential.StepRatioRule` below 15 steps, which also keeps the bh1
+    order-2 predictor only where h <= 0.5, see :meth:`step_size_cap`; True reproduces the
+    reference code's final steps of decreasing order on every grid, which lowers the global
+    order to at most 2; False never lowers them),
     ``min_gap_ratio`` (default 1/3, see below).
 
     **Order:** UniP-p alone has local error :math:`O(h^{p+1})`, UniPC-p :math:`O(h^{p+2})`
@@ -139,6 +143,16 @@ class UniPC(ExponentialMultistep):
         q = min(p + 1, 3) if self.use_corrector else min(p, 2)
         return min(q, 2) if self.lower_order_final else q
 
+    def step_size_cap(self, k: int, h: float) -> int:
+        r"""The few-step cap of the base, and for ``bh1`` also order 2 only where
+        :math:`h \le` ``FEW_STEP_MAX_H``: its order-2 predictor takes :math:`\rho = 1/2` with
+        :math:`B(h) = -h`, i.e. a second-order term :math:`h/2` where the exact one is
+        :math:`h\varphi_2(-h)` (0.37 h at h = 1): it over-extrapolates by 1/(2 phi_2(-h)),
+        1.2x at h = 0.5, 1.36x at h = 1 (bh2 under-extrapolates).  The bh1 order-1 corrector
+        (the same 1x1 system, :math:`\rho^c = 1/2`) is left out after such steps too."""
+        k = super().step_size_cap(k, h)
+        return 1 if self.variant == "bh1" and k == 2 and h > FEW_STEP_MAX_H else k
+
     # ------------------------------------------------------------- coefficients
     def weights(self, k: int, nodes: list[float], h: float) -> list[float]:
         """UniP-k weights of :math:`\\hat x_0^{(i)}, \\hat x_0^{(i-1)}, \\dots` (newest first);
@@ -174,6 +188,9 @@ class UniPC(ExponentialMultistep):
             alpha = tab.alpha64.tolist()
             for i in range(1, grid.steps):
                 k, s = tab.orders[i - 1], i - 1
+                if k == 1 and self.variant == "bh1" and self.few_step_rule(grid.steps) \
+                        and lam[i] - lam[s] > FEW_STEP_MAX_H:
+                    continue      # UniC-1 bh1 (rho = 1/2) over-corrects on long steps: see step_size_cap
                 nodes = [lam[s - m] - lam[s] for m in range(k)]
                 corr[i] = [w * alpha[i] for w in self.corrector_weights(k, nodes, lam[i] - lam[s])]
         rows = [c for c in corr if c is not None]

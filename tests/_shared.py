@@ -35,3 +35,23 @@ def two_mode_mixture() -> scoresde.GaussianMixture:
     return scoresde.GaussianMixture(torch.tensor([0.35, 0.65], dtype=torch.float64),
                                     torch.tensor([[-2.0, 1.0], [1.5, -0.5]], dtype=torch.float64),
                                     torch.stack([rot(0.4, 0.3, 0.01), rot(-1.0, 0.15, 0.02)]))
+
+
+def counting_zero_model(sde=None) -> tuple[scoresde.ScoreModel, list]:
+    """An eps model that returns zeros and appends to ``calls`` on every network call (for
+    "bad input is refused before any network call" tests)."""
+    calls: list = []
+
+    def net(x, t):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    return scoresde.ScoreModel(net, sde or scoresde.VPSDE(), "eps"), calls
+
+
+def calibration_mixture() -> scoresde.GaussianMixture:
+    """The calibration tests' d=8 three-component diagonal mixture (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    means = 2.0 * torch.randn(3, 8, generator=g, dtype=torch.float64)
+    var = torch.exp(torch.empty(3, 8, dtype=torch.float64).uniform_(-3.0, 0.0, generator=g))
+    return scoresde.GaussianMixture(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), means, var)

@@ -49,7 +49,7 @@ def _x_T(batch=64):
 KD_RUNS = {  # our method and options for each k-diffusion sampler
     "sample_euler": ("euler", {}),
     "sample_heun": ("heun", {"last_step_euler": False}),
-    "sample_dpmpp_2m": ("dpmpp_2m", {}),
+    "sample_dpmpp_2m": ("dpmpp_2m", {"lower_order_final": False}),
 }
 
 

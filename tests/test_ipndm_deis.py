@@ -64,7 +64,7 @@ def test_ipndm_weights_are_fixed_deis_weights_follow_the_grid():
 @pytest.mark.parametrize("method,top", [("ipndm", 4), ("deis", 3)])
 def test_nfe_orders_and_bad_order(method, top):
     model, x_T, _ = problem("vp", batch=3)
-    sol = solvers.sample(model, x_T, method, 6)
+    sol = solvers.sample(model, x_T, method, 6, lower_order_final=False)
     assert sol.nfe == 6 == solvers.get(method).expected_nfe(6)
     assert sol.stats["orders"] == [min(top, i + 1) for i in range(6)]
     for bad in (0, top + 1):
@@ -118,7 +118,8 @@ def test_equals_kdiffusion_ipndm(max_order):
     ref = _kdiffusion_ipndm() or reference_ipndm
     theirs = ref(denoiser(0), x_T.clone(), torch.cat([t, t.new_zeros(1)]), max_order=max_order)
     model = sd_kdiffusion.from_denoiser(denoiser(1), sde.sigma_min, sde.sigma_max)
-    sol = solvers.sample(model, x_T, "ipndm", timesteps=t, final_denoise=True, order=max_order)
+    sol = solvers.sample(model, x_T, "ipndm", timesteps=t, final_denoise=True, order=max_order,
+                         lower_order_final=False)
     rel = float((sol.x - theirs).abs().max() / theirs.abs().max())
     assert rel < 1e-10, f"max relative difference {rel:.3g}"
     assert sol.nfe == calls[0] == calls[1] == 13

@@ -257,11 +257,23 @@ def test_first_order_methods_agree_on_any_grid(sde_name):
 
 
 def test_lower_order_final_changes_only_the_last_steps():
+    """True lowers only the final orders, False keeps the reference codes' orders, and the
+    default (None) applies the few-step rule below FEW_STEPS steps: final orders lowered and
+    order 3 only where the step is at most FEW_STEP_MAX_H in lambda."""
+    from solvers.exponential import FEW_STEP_MAX_H, FEW_STEPS
     sde, model, x_T, _ = gaussian_problem("vp")
     sol = solvers.sample(model, x_T, "dpmpp_3m", 6, lower_order_final=True)
     assert sol.stats["orders"] == [1, 2, 3, 3, 2, 1]
-    assert solvers.sample(model, x_T, "dpmpp_3m", 6).stats["orders"] == [1, 2, 3, 3, 3, 3]
-    assert solvers.sample(model, x_T, "dpmpp_3m", 6, warmup="singlestep").stats["orders"] == [2, 2, 3, 3, 3, 3]
+    assert solvers.sample(model, x_T, "dpmpp_3m", 6, lower_order_final=False).stats["orders"] == [1, 2, 3, 3, 3, 3]
+    assert solvers.sample(model, x_T, "dpmpp_3m", 6, warmup="singlestep",
+                          lower_order_final=False).stats["orders"] == [2, 2, 3, 3, 3, 3]
+    lam = 0.5 * sde.log_snr(solvers.make_grid(sde, 6, "log_snr").t)
+    h = (lam[1:] - lam[:-1]).tolist()
+    expected = [2 if k == 3 and hi > FEW_STEP_MAX_H else k for k, hi in zip([1, 2, 3, 3, 2, 1], h)]
+    assert max(h) > FEW_STEP_MAX_H  # the cap matters on this grid
+    assert solvers.sample(model, x_T, "dpmpp_3m", 6).stats["orders"] == expected
+    # FEW_STEPS steps and more: the default is the reference codes' orders
+    assert solvers.sample(model, x_T, "dpmpp_3m", FEW_STEPS).stats["orders"] == [1, 2] + [3] * (FEW_STEPS - 2)
 
 
 @pytest.mark.parametrize("sde_name", ["vp", "ve"])

@@ -251,7 +251,8 @@ def test_nfe_equals_steps(steps, opts):
 
 
 def test_orders_and_lower_order_final():
-    assert UniPC(order=3).orders_for(5) == [1, 2, 3, 3, 3]
+    assert UniPC(order=3, lower_order_final=False).orders_for(5) == [1, 2, 3, 3, 3]
+    assert UniPC(order=3).orders_for(5) == [1, 2, 3, 2, 1]              # default: few-step rule
     assert UniPC(order=3, lower_order_final=True).orders_for(5) == [1, 2, 3, 2, 1]
     assert UniPC(order=2).orders_for(1) == [1]
 
