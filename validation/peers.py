@@ -210,7 +210,9 @@ def kd_sigma_range() -> tuple[float, float]:
     return math.exp(-0.5 * log_snr_min), math.exp(-0.5 * log_snr_max)
 
 
-def _kd_runner(fn_name: str, end: str, fast: bool = False, **fn_kwargs):
+def _kd_runner(fn_name: str, end: str, fast: bool = False, grid: str = "karras", **fn_kwargs):
+    """A runner for a k-diffusion sampler on its ``grid``: ``"karras"`` (rho = 7, its documented
+    default) or ``"exponential"`` (uniform in log sigma), both from sigma_max to sigma_min, then 0."""
     def run(n: int, problem: Problem, net=None, samples: int | None = None, check: bool = False) -> PeerRun:
         kd = load_kdiffusion()
         s_min, s_max = kd_sigma_range()
@@ -232,7 +234,8 @@ def _kd_runner(fn_name: str, end: str, fast: bool = False, **fn_kwargs):
                 t_set = 0.0
             else:
                 t_set = time.perf_counter()
-                sigmas = kd.get_sigmas_karras(n, s_min, s_max, rho=7.0)
+                sigmas = (kd.get_sigmas_karras(n, s_min, s_max, rho=7.0) if grid == "karras"
+                          else kd.get_sigmas_exponential(n, s_min, s_max))
                 t_set = time.perf_counter() - t_set
                 log_snr0 = -2.0 * math.log(float(sigmas[0]))
             x_vp0 = _start(problem, log_snr0, samples)
@@ -296,6 +299,28 @@ def available_peers() -> tuple[list[Peer], list[str]]:
     except ImportError as err:
         missing.append(f"k-diffusion ({err})")
     return peers, missing
+
+
+def fewstep_peers() -> tuple[list[Peer], list[str]]:
+    """:func:`available_peers` plus the documented grid options of each: diffusers' multistep
+    schedulers with ``use_karras_sigmas=True``, k-diffusion's samplers on its exponential grid."""
+    peers, missing = available_peers()
+    extra = []
+    for p in peers:
+        if p.family == "diffusers" and any(k in p.name for k in ("Multistep", "Singlestep")):
+            cls = {"DPMSolverMultistep(2)": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
+                   "DPMSolverMultistep(3)": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+                   "DPMSolverSinglestep(2)": ("DPMSolverSinglestepScheduler", {}),
+                   "UniPCMultistep(2, bh2)": ("UniPCMultistepScheduler", {}),
+                   "DEISMultistep(2)": ("DEISMultistepScheduler", {})}[p.name.split(" ", 1)[1]]
+            extra.append(Peer(p.name + " karras", p.family, p.order,
+                              _diffusers_runner(cls[0], {**cls[1], "use_karras_sigmas": True}, False)))
+        if p.family == "k-diffusion" and "dpm_fast" not in p.name:
+            fn = "sample_" + p.name.split(" ", 1)[1]
+            end = "flow0" if "lms" in p.name else "denoise"
+            extra.append(Peer(p.name + " exponential", p.family, p.order, _kd_runner(fn, end, grid="exponential"),
+                              nfe_of=p.nfe_of))
+    return peers + extra, missing
 
 
 # ---------------------------------------------------------------- reference and ours

@@ -15,6 +15,10 @@ Sections (``--sections``; all by default):
   by linearity for affine samplers, else Monte Carlo with its floor) and sliced Wasserstein on
   the 2-D mixture (floor: two independent exact sets of the same size).
 - ``lik``: ``solvers.log_likelihood`` vs tolerance and NFE, exact trace and Hutchinson.
+- ``fewstep``: ``method="auto"`` against every peer configuration (diffusers, k-diffusion, their
+  documented grids) on each peer's own map, NFE 5..50, on the *held-out* problems of
+  :mod:`validation.heldout` (two of them in the quick tier, all six in ``--full``); the rule
+  was tuned on the other half (``python -m validation.fewstep --half tuning``).
 - ``peers``: diffusers and k-diffusion (the ``bench`` extra), converted exactly, order-checked,
   against our methods on the same maps; per-step overhead.
 
@@ -48,7 +52,7 @@ from .problems import SDES, end_time, make_problems
 
 BOUNDS_FILE = Path(__file__).with_name("bounds.json")
 BOUND_FACTOR = 2.0
-SECTIONS = ("det", "grids", "stoch", "lik", "peers")
+SECTIONS = ("det", "grids", "stoch", "lik", "fewstep", "peers")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -79,6 +83,8 @@ class Plan:
         self.peer_problems = ["mixture2d", "mixture64"] if full else ["mixture2d"]
         self.peer_nfe = (5, 6, 8, 10, 15, 20, 50) if full else (10, 20)
         self.overhead = full
+        from .heldout import HELDOUT
+        self.fewstep_problems = list(HELDOUT) if full else ["held-mix2-poor", "held-gauss8"]
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -159,6 +165,16 @@ def build_tasks(plan: Plan, args, problems, store: dict) -> list[tuple[str, call
                         store["lik"] += loglik.run_likelihood(sde_key, SDES[sde_key](), problems[pname],
                                                               plan.lik_samples, plan.lik_tols)
                     tasks.append((f"lik {sde_key}/{pname}", t))
+    if "fewstep" in plan.sections:
+        from . import fewstep, heldout
+        from .peers import fewstep_peers
+        few_peers, missing = fewstep_peers()
+        store["fewstep"] = dict(problems=[], missing=missing, rule=fewstep.rule_rows())
+        for name in plan.fewstep_problems if few_peers else ():
+            def t(name=name, few_peers=few_peers):
+                prob = heldout.make_heldout_problems([name], cache_dir=Path(args.out) / "nets")[name]
+                store["fewstep"]["problems"].append(fewstep.evaluate(prob, peers=few_peers, log=lambda *a: None))
+            tasks.append((f"fewstep {name}", t))
     if "peers" in plan.sections:
         from . import peers as pe
         peers, missing = pe.available_peers()
@@ -297,7 +313,7 @@ def run(args) -> int:
         tier="full" if plan.full else "quick", seconds=seconds, tol=args.tol, torch=torch.__version__,
         sections=plan.sections, sdes=plan.sdes, t_end={k: end_time(SDES[k]()) for k in plan.sdes},
         analytic=store["analytic"], deterministic=store["det"], grids=store["grids"], weak=store["weak"],
-        sliced_wasserstein=store["sw"], likelihood=store["lik"], peers=store["peers"],
+        sliced_wasserstein=store["sw"], likelihood=store["lik"], fewstep=store.get("fewstep"), peers=store["peers"],
         reference_checks=store.get("ref_checks", []), notes=store["notes"], failures=failures,
         bounds_file=str(BOUNDS_FILE.name) if bounds else None, task_seconds=timings,
     )
