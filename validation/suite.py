@@ -107,6 +107,21 @@ def analytic_checks(sde_names, target) -> list[dict]:
     return rows
 
 
+def fewstep_tasks(plan: Plan, args, store: dict) -> list[tuple[str, callable]]:
+    """``method="auto"`` against every peer configuration on the held-out problems."""
+    from . import fewstep, heldout
+    from .peers import fewstep_peers
+    few_peers, missing = fewstep_peers()
+    store["fewstep"] = dict(problems=[], missing=missing, rule=fewstep.rule_rows())
+    tasks = []
+    for name in plan.fewstep_problems if few_peers else ():
+        def t(name=name):
+            prob = heldout.make_heldout_problems([name], cache_dir=Path(args.out) / "nets")[name]
+            store["fewstep"]["problems"].append(fewstep.evaluate(prob, peers=few_peers, log=lambda *a: None))
+        tasks.append((f"fewstep {name}", t))
+    return tasks
+
+
 def build_tasks(plan: Plan, args, problems, store: dict) -> list[tuple[str, callable]]:
     tasks = []
     cases: dict = {}
@@ -166,15 +181,7 @@ def build_tasks(plan: Plan, args, problems, store: dict) -> list[tuple[str, call
                                                               plan.lik_samples, plan.lik_tols)
                     tasks.append((f"lik {sde_key}/{pname}", t))
     if "fewstep" in plan.sections:
-        from . import fewstep, heldout
-        from .peers import fewstep_peers
-        few_peers, missing = fewstep_peers()
-        store["fewstep"] = dict(problems=[], missing=missing, rule=fewstep.rule_rows())
-        for name in plan.fewstep_problems if few_peers else ():
-            def t(name=name, few_peers=few_peers):
-                prob = heldout.make_heldout_problems([name], cache_dir=Path(args.out) / "nets")[name]
-                store["fewstep"]["problems"].append(fewstep.evaluate(prob, peers=few_peers, log=lambda *a: None))
-            tasks.append((f"fewstep {name}", t))
+        tasks += fewstep_tasks(plan, args, store)
     if "peers" in plan.sections:
         from . import peers as pe
         peers, missing = pe.available_peers()
