@@ -25,8 +25,12 @@ Engines, all run in the same process, one after another on the same points:
                     ``[B, d+1]``, with the per-sample analogue of torchdiffeq's mixed norm
                     ``max(rms(err_x), |err_delta|)``.  It evaluates every stage on the whole
                     batch, finished samples included.
-- ``prototype``     PROTOTYPE (this file only): a minimal vectorised dopri5 with the same
-                    per-sample control that evaluates only the samples still running.
+- ``engine``        ``solvers.adaptive.solve_per_sample``: the library's vectorised dopri5 with
+                    the same per-sample control, evaluating only the samples still running, on
+                    this file's right-hand side.
+- ``lib per_sample`` ``solvers.log_likelihood(per_sample=True)``: the same engine behind the
+                    public API (its own right-hand side; ``evals/pt`` not reported, ``steps``
+                    the mean only).
 
 Printed per engine: wall time, NFE (network calls, each on the whole batch), accepted steps per
 sample (mean/max), the largest integration error against the closed form, and the two ratios
@@ -44,11 +48,16 @@ batch-independent to 1e-12 nats and 9-30x more accurate than the shared step at 
 tolerance (max error 1.2e-3 vs 1.4e-2 nats at d = 2, 3.2e-3 vs 9.5e-2 at d = 16, 1.6e-2 vs
 1.5e-1 at d = 64, exact trace), because the shared step's error norm is an RMS over the batch.
 torchode: 0.6-1.6x the shared-step time, 0.002-0.03x one-at-a-time (0.10x for d = 64 exact,
-where the batched trace is compute bound: the shared step gets only 0.08x there); prototype:
-0.3-1.3x (mostly ~0.7x) the shared step, ~40% fewer sample evaluations than torchode (as many as one at a time).
+where the batched trace is compute bound: the shared step gets only 0.08x there); a vectorised
+prototype of the engine: 0.3-1.3x (mostly ~0.7x) the shared step, ~40% fewer sample evaluations
+than torchode.  The library engine (``--points 200``, same machine, torchode not installed):
+0.79-1.15x the shared step's time, 0.009-0.08x one-at-a-time (0.08x at d = 64 exact), 80-95
+sample evaluations per point (one at a time: 70-89; shared step: 92-116), max error 1.1e-3 /
+1.5e-3 / 6.7e-3 nats at d = 2 / 16 / 64 exact (shared step 5.1e-3 / 6.0e-2 / 1.1e-1), batch
+dependence <= 5.5e-13 nats; ``lib per_sample`` runs the same engine and matches it.
 
 Run:  python benchmarks/adaptive_engines.py [--points 2000] [--dims 2 16 64] [--loop-points 40] [--repeats 1]
-[--no-prototype]  (torchode 1.0.1 requires ``torchtyping``, itself pinning ``typeguard<3``; install it if missing.)
+[--no-engine]  (torchode 1.0.1 requires ``torchtyping``, itself pinning ``typeguard<3``; install it if missing.)
 """
 from __future__ import annotations
 
@@ -62,6 +71,7 @@ import torch
 
 import scoresde
 import solvers
+from solvers.adaptive import solve_per_sample
 from solvers.likelihood import _default_chunk
 
 DT = torch.float64
@@ -206,69 +216,27 @@ def run_torchode(rhs: AugmentedRHS, x, max_steps: int = 10_000):
     return y[:, :d], y[:, d], rhs.calls - c0, sol.stats["n_accepted"].to(DT)
 
 
-# ----------------------------------------------------------------------------- PROTOTYPE
-# A minimal vectorised Dormand-Prince 5(4) with per-sample step size that evaluates only the
-# samples still running (compaction).  A prototype for this benchmark, not library code:
-# no dense output, no knots, no failure handling beyond max_steps.
-_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
-      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-      (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
-_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-_E = tuple(b - bl for b, bl in zip(_B, (1951 / 21600, 0.0, 22642 / 50085, 451 / 720, -12231 / 42400,
-                                          649 / 6300, 1 / 60)))
-
-
-def _initial_step(rhs, t, y, f0, idx, norm):
-    """Hairer, Norsett & Wanner (1993) II.4 starting step, per sample (one extra evaluation)."""
-    scale = ATOL + RTOL * y.abs()
-    d0, d1 = norm(y / scale), norm(f0 / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    f1 = rhs(t + h0, y + h0[:, None] * f0, idx)
-    d2 = norm((f1 - f0) / scale) / h0
-    big = torch.maximum(d1, d2)
-    h1 = torch.where(big <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3), (0.01 / big) ** (1 / 5))
-    return torch.minimum(100 * h0, h1)
-
-
-def run_prototype(rhs: AugmentedRHS, x, max_steps: int = 10_000):
-    """Per-sample dopri5: ``err = h sum_j e_j k_j``, ratio = norm(err / (atol + rtol max|y|)),
-    accept if ratio <= 1, ``h <- h clamp(0.9 ratio^(-1/5), 0.2 (1 if accepted), 10)`` (torchdiffeq's
-    constants); FSAL, 6 evaluations per attempt, on the running samples only."""
+# ----------------------------------------------------------------------------- library engine
+def run_engine(rhs: AugmentedRHS, x, max_steps: int = 10_000):
+    """``solvers.adaptive.solve_per_sample`` (per-sample dopri5 evaluating only the running
+    samples) on this file's right-hand side, with :func:`per_sample_mixed_norm`."""
     b, d = x.shape
-    norm = per_sample_mixed_norm(d)
+    y0 = torch.cat([x, x.new_zeros(b, 1)], dim=1)
     c0 = rhs.calls
-    y = torch.cat([x, x.new_zeros(b, 1)], dim=1)
-    t = torch.full((b,), T_END, dtype=DT)
-    every = torch.arange(b)
-    k1 = rhs(t, y, every)
-    h = _initial_step(rhs, t, y, k1, every, norm)
-    accepted = torch.zeros(b, dtype=DT)
-    attempts = torch.zeros(b, dtype=torch.long)
-    run = every
-    while run.numel():
-        if int(attempts[run].max()) >= max_steps:
-            raise RuntimeError(f"prototype: max_steps={max_steps} reached")
-        tr, yr, hr = t[run], y[run], torch.minimum(h[run], 1.0 - t[run])
-        ks = [k1[run]]
-        for s in range(1, 7):
-            ys = yr + hr[:, None] * sum(a * k for a, k in zip(_A[s], ks) if a != 0.0)
-            ks.append(rhs(tr + _C[s] * hr, ys, run))
-        y_new = ys                                   # stage 7 sits at y_new (FSAL)
-        err = hr[:, None] * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
-        ratio = norm(err / (ATOL + RTOL * torch.maximum(yr.abs(), y_new.abs())))
-        ok = ratio <= 1.0
-        low = torch.where(ok, torch.ones_like(ratio), torch.full_like(ratio, 0.2))
-        factor = torch.minimum(torch.maximum(0.9 * ratio.clamp_min(1e-10) ** -0.2, low), torch.full_like(ratio, 10.0))
-        attempts[run] += 1
-        acc = run[ok]
-        t[acc] = torch.where(hr[ok] >= 1.0 - tr[ok], torch.ones_like(tr[ok]), tr[ok] + hr[ok])
-        y[acc], k1[acc] = y_new[ok], ks[6][ok]
-        accepted[acc] += 1
-        h[run] = hr * factor
-        run = run[t[run] < 1.0]
-    return y[:, :d], y[:, d], rhs.calls - c0, accepted
+    with torch.no_grad():
+        res = solve_per_sample(rhs, y0, T_END, 1.0, rtol=RTOL, atol=ATOL, norm=per_sample_mixed_norm(d),
+                               max_steps=max_steps)
+    if not bool((res.status == 0).all()):
+        raise RuntimeError(f"engine status {sorted(set(res.status_names))}")
+    return res.y[:, :d], res.y[:, d], rhs.calls - c0, res.accepted.to(DT)
+
+
+def run_library_per_sample(model, x, trace):
+    """``solvers.log_likelihood(per_sample=True)``: the engine behind the public API."""
+    kw = {} if trace == "exact" else {"generator": probe_generators(x.shape[0])}
+    res = solvers.log_likelihood(model, x, trace, rtol=RTOL, atol=ATOL, t_end=T_END, per_sample=True, **kw)
+    steps = torch.full((x.shape[0],), res.stats["accepted_steps"] / max(1, x.shape[0]), dtype=DT)
+    return res.z, res.delta_log_prob, res.nfe, steps
 
 
 # ----------------------------------------------------------------------------- one problem
@@ -282,7 +250,7 @@ def timed(fn, *args, repeats: int = 1):
     return statistics.median(times), out
 
 
-def bench_problem(d: int, trace: str, n: int, loop_points: int, check_points: int, prototype: bool,
+def bench_problem(d: int, trace: str, n: int, loop_points: int, check_points: int, engine: bool,
                   repeats: int = 1, torchode: bool = True) -> dict:
     target = make_target(d)
     sde = scoresde.VPSDE()
@@ -299,8 +267,9 @@ def bench_problem(d: int, trace: str, n: int, loop_points: int, check_points: in
         run_torchode(rhs.select(torch.arange(4)), x[:4])
     run_torchdiffeq(rhs.select(torch.arange(4)), x[:4])
     run_library(model, x[:4], trace)
-    if prototype:
-        run_prototype(rhs, x[:4])
+    if engine:
+        run_engine(rhs, x[:4])
+        run_library_per_sample(model, x[:4], trace)
 
     rows = {}
     plan = [("lib shared", run_library, (model, x, trace)),
@@ -308,8 +277,9 @@ def bench_problem(d: int, trace: str, n: int, loop_points: int, check_points: in
             ("tdq shared", run_torchdiffeq, (rhs, x))]
     if torchode:
         plan.append(("torchode", run_torchode, (rhs, x)))
-    if prototype:
-        plan.append(("prototype", run_prototype, (rhs, x)))
+    if engine:
+        plan.append(("engine", run_engine, (rhs, x)))
+        plan.append(("lib per_sample", run_library_per_sample, (model, x, trace)))
     for name, fn, args in plan:
         r0 = rhs.rows
         sec, (z, delta, nfe, steps) = timed(fn, *args, repeats=1 if name == "lib 1-at-a-time" else repeats)
@@ -321,6 +291,8 @@ def bench_problem(d: int, trace: str, n: int, loop_points: int, check_points: in
             per_point = nfe
         elif name == "lib 1-at-a-time":
             per_point = nfe / k
+        elif name == "lib per_sample":
+            per_point = float("nan")
         else:
             per_point = (rhs.rows - r0) / k
         rows[name] = {"time": sec * n / k, "nfe": nfe * n / k, "steps": steps, "err": float(err.max()),
@@ -333,13 +305,21 @@ def bench_problem(d: int, trace: str, n: int, loop_points: int, check_points: in
 
     # batch independence of torchode: points solved alone vs the same points inside the batch
     dep = {}
-    for name, fn in (("torchode", run_torchode), ("prototype", run_prototype)):
+    for name, fn in (("torchode", run_torchode), ("engine", run_engine)):
         if name in rows:
             dep[name] = 0.0
             for i in range(min(check_points, n)):
                 idx = torch.tensor([i])
                 _, di, _, _ = fn(rhs.select(idx), x[idx])
                 dep[name] = max(dep[name], float((di - rows[name]["delta"][i]).abs().max()))
+    if "lib per_sample" in rows:
+        dep["lib per_sample"] = 0.0
+        for i in range(min(check_points, n)):
+            kw = {} if trace == "exact" else {"generator": probe_generators(1, start=i)}
+            res = solvers.log_likelihood(model, x[i:i + 1], trace, rtol=RTOL, atol=ATOL, t_end=T_END,
+                                         per_sample=True, **kw)
+            dep["lib per_sample"] = max(dep["lib per_sample"],
+                                        float((res.delta_log_prob[0] - rows["lib per_sample"]["delta"][i]).abs()))
     return {"rows": rows, "prior_gap": prior_gap, "batch_dep": dep}
 
 
@@ -353,7 +333,7 @@ def print_problem(d: int, trace: str, n: int, out: dict) -> None:
         tag = "*" if r["scaled"] else " "
         print(f"{name:<17}{r['time']:>8.2f}{tag}{r['nfe']:>8.0f}{r['per_point']:>9.1f}{float(r['steps'].mean()):>11.1f}"
               f"{float(r['steps'].max()):>10.0f}{r['err']:>10.2e}{r['vs_lib']:>10.2e}")
-    for name in out["batch_dep"]:
+    for name in [n for n in ("torchode", "engine", "lib per_sample") if n in rows]:
         sec = rows[name]["time"]
         print(f"ratios {name}: / 1-at-a-time = {sec / rows['lib 1-at-a-time']['time']:.4f} (target <= 0.05); "
               f"/ lib shared = {sec / rows['lib shared']['time']:.2f}, "
@@ -372,7 +352,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1,
                    help="batched engines: median of this many runs (the one-at-a-time loop runs once)")
-    p.add_argument("--no-prototype", action="store_true", help="skip the vectorised dopri5 prototype")
+    p.add_argument("--no-engine", action="store_true", help="skip the library's per-sample engine")
     a = p.parse_args()
     if a.points < 1:
         raise ValueError(f"--points must be >= 1, got {a.points}")
@@ -388,7 +368,7 @@ def main() -> None:
     for d in a.dims:
         for trace in a.traces:
             print_problem(d, trace, a.points, bench_problem(d, trace, a.points, a.loop_points, a.check_points,
-                                                           not a.no_prototype, a.repeats,
+                                                           not a.no_engine, a.repeats,
                                                            have_torchode))
 
 

@@ -94,8 +94,11 @@ number of steps.
 
 **Batches.**  By default the whole batch shares the adaptive step (the error norm is taken
 over the batch): a sample's result then depends on its batch-mates only through the step
-sizes, i.e. within the solver tolerance, not bitwise.  ``per_sample=True`` integrates every
-sample on its own (B solves, slower; results independent of the batch composition).  A
+sizes, i.e. within the solver tolerance, not bitwise.  ``per_sample=True`` gives every sample
+its own step size, error estimate and accept/reject decision (with dopri5: one batched solve by
+:func:`solvers.adaptive.solve_per_sample`, evaluating only the samples still running; other
+methods: one solve per sample), so a sample's result does not depend on its batch-mates beyond
+the rounding of the batched network (measured 3.6e-15 nats on a 3-d MLP).  A
 solve that fails (``max_steps``, step-size underflow, a non-finite drift or divergence) is
 reported per sample in ``res.status`` with NaN results for those samples -- never a truncated
 integral -- and raises :class:`SolverError` unless ``on_failure="record"``.
@@ -122,8 +125,9 @@ from torch import Tensor
 
 from scoresde._checks import check_batch_tensor, check_float, check_floating, check_int, sample_list
 from scoresde.model import ScoreModel
-from scoresde.sde import SDE
+from scoresde.sde import SDE, LinearSDE
 
+from .adaptive import STATUS_NAMES, PerSampleSolution, rms_norm, solve_per_sample
 from .base import CheckedModel, NonFiniteError, Solution, SolverError, _check_model, _check_net_device
 from .ode import PFODE, check_tolerances, knots_inside, pf_ode_drift
 from .timesteps import TimeGrid
@@ -278,7 +282,7 @@ class _RecordingModel(CheckedModel):
 def _not_differentiable(t64: Tensor, why: str) -> ValueError:
     return ValueError(
         f"log_likelihood: the network's output is not differentiable with respect to x ({why}, "
-        f"t={float(t64):.6g}), so the divergence of the probability-flow drift cannot be computed. "
+        f"t={float(t64.reshape(-1)[0]):.6g}), so the divergence of the probability-flow drift cannot be computed. "
         "The network must be built from torch operations with autograd enabled for its input: no "
         ".detach(), torch.no_grad() or torch.inference_mode() inside it, no round trip through numpy, "
         "no integer cast, no features computed on a detached copy of x. (An output that is constant "
@@ -391,8 +395,9 @@ class _Problem:
             with torch.enable_grad():
                 y1 = y[:1].detach().requires_grad_(True)
                 ev.record = True
-                ev.evaluate(y1, t64)
-                self._check_graph(ev, y1, t64)
+                t1 = t64[:1] if t64.ndim else t64      # per-sample times: the first sample's
+                ev.evaluate(y1, t1)
+                self._check_graph(ev, y1, t1)
         f = lambda u: drift(u, t64)  # noqa: E731
         mapped = torch.func.vmap(lambda w: torch.func.jvp(f, (y,), (w,)), out_dims=(None, 0))
         if V is not None:
@@ -472,6 +477,53 @@ class _Problem:
         return _Outcome(xs[-1], ds[-1], count["evals"], accepted, 0 if self.fixed else attempts - accepted)
 
 
+    # -- every sample its own step size, one batched solve -------------------------
+    def solve_each(self, x: Tensor, V: Tensor | None) -> PerSampleSolution:
+        """Integrate every sample of ``x`` with its own dopri5 step control
+        (:func:`solvers.adaptive.solve_per_sample`) on the flat state ``[x, delta]``, the error
+        norm per sample ``max(rms(err_x), rms(err_delta))`` (torchdiffeq's mixed norm, per sample)."""
+        ev = _RecordingModel(self.model, None, check_finite=False)
+        drift = _per_sample_drift(self.model, ev, x)
+        div_fn = self._vjp if self.products == "vjp" else self._jvp
+        b, shape = x.shape[0], x.shape[1:]
+        d = math.prod(shape)
+        t_lo, t_hi = self.t_end, self.T
+
+        def rhs(t: Tensor, state: Tensor, idx: Tensor) -> Tensor:
+            ev.step_index = self.evaluations
+            self.evaluations += 1
+            t64 = t.detach().to(torch.float64).clamp(t_lo, t_hi)    # never outside [t_end, T]
+            y = state[:, :d].reshape(-1, *shape)
+            v, div = div_fn(drift, ev, y, t64, None if V is None else V[:, idx])
+            return torch.cat([v.reshape(-1, d), div.reshape(-1, state.shape[1] - d)], dim=1)
+
+        def norm(err: Tensor) -> Tensor:
+            return torch.maximum(rms_norm(err[:, :d]), rms_norm(err[:, d:]))
+
+        k = 1 if V is None else V.shape[0]
+        state0 = torch.cat([x.reshape(b, d), x.new_zeros(b, k)], dim=1)
+        jumps = knots_inside(self.sde, self.t_end, self.T, self.tdtype)
+        with torch.no_grad():
+            return solve_per_sample(rhs, state0, self.t_end, self.T, rtol=self.rtol, atol=self.atol, norm=norm,
+                                    max_steps=self.max_steps, jump_t=jumps if jumps.numel() else None)
+
+
+def _per_sample_drift(model: ScoreModel, ev: CheckedModel, like: Tensor):
+    """The probability-flow drift ``(x [B, ...], t64 [B]) -> dx/dt`` at per-sample times (the
+    schedule's coefficients broadcast over each sample's entries)."""
+    sde = model.sde
+    if not isinstance(sde, LinearSDE):
+        return pf_ode_drift(model, ev, like)     # sde.pf_drift takes t [B]
+
+    def drift(x: Tensor, t64: Tensor) -> Tensor:
+        eps = ev.evaluate(x, t64).eps
+        col = (-1,) + (1,) * (x.ndim - 1)
+        f = sde.f_unchecked(t64).to(x.dtype).reshape(col)
+        c = (0.5 * sde.g2_unchecked(t64) / torch.exp(sde.log_sigma_unchecked(t64))).to(x.dtype).reshape(col)
+        return f * x + c * eps
+    return drift
+
+
 def _default_chunk(d: int, b: int, device: torch.device) -> int:
     chunk = _CHUNK_ELEMENTS // max(1, b * d)
     if device.type == "cpu":
@@ -507,12 +559,14 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
       their average.  ``noise``: ``"rademacher"`` or ``"gaussian"``.  ``generator``: a
       ``torch.Generator`` (probes drawn ``[B, probes, ...]`` sample-major), a list of them (one
       per sample: a sample's probes then do not depend on the batch), or None.
-    - ``per_sample``: integrate each sample separately (B solves, each on a batch of one: the
-      result is bitwise independent of the batch, given the exact trace or one generator per
-      sample).  Default: the batch shares the adaptive steps, the error norm being taken over
+    - ``per_sample``: one adaptive step control per sample (dopri5: one batched solve with
+      per-sample step sizes, :func:`solvers.adaptive.solve_per_sample`; other methods: B solves
+      on batches of one).  The result is independent of the batch up to the batched network's
+      rounding (~1e-15 relative), given the exact trace or one generator per sample; a failing
+      sample stops alone.  Default: the batch shares the adaptive steps, the error norm being taken over
       all samples, so a sample's result depends on its batch-mates through the step sizes, i.e.
       within the tolerance (measured on a 3-d MLP model, rtol 1e-5: 2.4e-7 nats).
-    - ``max_steps``: step attempts (accepted + rejected) per solve.
+    - ``max_steps``: step attempts (accepted + rejected) per solve (``per_sample``: per sample).
     - ``chunk_size`` (exact trace): basis vectors per batched product (default: as many as keep a
       chunk's cotangents under 2**23 elements, and on the CPU a chunk under 2048 rows, chunk x B,
       which measured fastest).  ``allow_expensive``: silence the warning for
@@ -636,12 +690,41 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
             status[i] = "success"
         return []
 
+    def run_each() -> None:
+        """Every sample with its own step control, in one batched solve (dopri5)."""
+        totals["solves"] += b
+        out = problem.solve_each(x, V)
+        names = out.status_names
+        ok = out.status == 0
+        totals["accepted_steps"] += int(out.accepted.sum())
+        totals["rejected_steps"] += int(out.rejected.sum())
+        d_flat = x[0].numel()
+        z[ok] = out.y[ok, :d_flat].reshape(-1, *x.shape[1:])
+        delta[ok] = out.y[ok, d_flat:].reshape(delta[ok].shape)
+        for i, name in enumerate(names):
+            status[i] = name
+        for kind in STATUS_NAMES[1:][::-1]:            # nonfinite first, then underflow, max_steps
+            idx = [i for i, name in enumerate(names) if name == kind]
+            if idx:
+                where = ", ".join(f"{float(out.t[i]):.6g}" for i in idx[:5]) + (", ..." if len(idx) > 5 else "")
+                fail(kind, f"{_EACH_FAILURE[kind].format(max_steps=max_steps)}, at t={where}", idx, None)
+
+    if per_sample and method == "dopri5" and b:
+        run_each()
+        return finish()
     pending = [[i] for i in range(b)] if per_sample else ([list(range(b))] if b else [])
     pending.reverse()                            # a stack: solve in sample order
     while pending:
         more = run(pending.pop())
         pending.extend(reversed(more))
     return finish()
+
+
+_EACH_FAILURE = {
+    "max_steps": "max_steps={max_steps} step attempts reached by the sample's own step control",
+    "step_size_underflow": "step size underflow (the step no longer moves t)",
+    "nonfinite": "the probability-flow drift, its divergence or the state became non-finite",
+}
 
 
 def _counts(status: Sequence[str]) -> dict:

@@ -241,7 +241,8 @@ def test_per_sample_generators_make_probes_batch_independent():
     full = log_likelihood(model, x, "hutchinson", probes=2, generator=gens(range(5)), per_sample=True)
     perm = [3, 0, 4]
     part = log_likelihood(model, x[perm], "hutchinson", probes=2, generator=gens(perm), per_sample=True)
-    assert torch.equal(part.log_prob, full.log_prob[perm])
+    # one batched network call per stage: equal to the batch's rounding (measured 3.6e-15 nats)
+    assert float((part.log_prob - full.log_prob[perm]).abs().max()) <= 1e-12
     with pytest.raises(ValueError, match="generator"):
         log_likelihood(model, x, "hutchinson", generator=gens(range(4)))
 
@@ -252,7 +253,7 @@ def test_per_sample_is_batch_independent_and_shared_step_within_tolerance():
     x = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
     per = log_likelihood(model, x, per_sample=True)
     alone = log_likelihood(model, x[2:3], per_sample=True)
-    assert torch.equal(alone.log_prob, per.log_prob[2:3])
+    assert float((alone.log_prob - per.log_prob[2:3]).abs().max()) <= 1e-12
     assert per.stats["solves"] == 6
     shared = log_likelihood(model, x)
     assert shared.stats["solves"] == 1
