@@ -62,10 +62,11 @@ Run:  python benchmarks/adaptive_engines.py [--points 2000] [--dims 2 16 64] [--
 from __future__ import annotations
 
 import argparse
+import sys
 import importlib
-import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -81,12 +82,10 @@ T_END = 1e-5
 
 # ----------------------------------------------------------------------------- problem
 def make_target(d: int, k: int = 4, seed: int = 0) -> scoresde.GaussianMixture:
-    g = torch.Generator().manual_seed(seed)
-    means = 6.0 * torch.randn(k, d, generator=g, dtype=DT) / math.sqrt(d)
-    a = torch.randn(k, d, d, generator=g, dtype=DT)
-    covs = 0.3 * a @ a.transpose(1, 2) / d + 0.05 * torch.eye(d, dtype=DT)
-    w = torch.softmax(torch.randn(k, generator=g, dtype=DT), 0)
-    return scoresde.GaussianMixture(w, means, covs)
+    """The likelihood benchmark's mixture (``benchmarks/likelihood.py``): the same problems."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from likelihood import make_target as likelihood_target
+    return likelihood_target(d, k, seed)
 
 
 def probe_generators(n: int, seed: int = 1000, start: int = 0) -> list:
