@@ -122,6 +122,29 @@ def fewstep_tasks(plan: Plan, args, store: dict) -> list[tuple[str, callable]]:
     return tasks
 
 
+def peer_tasks(plan: Plan, args, problems, store: dict) -> list[tuple[str, callable]]:
+    """The peers' order checks, their comparison with our methods, and the overhead."""
+    from . import peers as pe
+    peers, missing = pe.available_peers()
+    store["peers"]["missing"] = missing
+    refs = pe.RefCache()
+    tasks = []
+    for peer in peers:
+        def t(peer=peer):
+            store["peers"]["orders"].append(pe.check_order(peer, problems["gaussian"], refs, args.tol))
+        tasks.append((f"peer order {peer.name}", t))
+    for pname in plan.peer_problems:
+        for peer in peers:
+            def t(peer=peer, pname=pname):
+                store["peers"]["compare"].append(pe.compare(peer, problems[pname], refs, plan.peer_nfe))
+            tasks.append((f"peer {pname}/{peer.name}", t))
+    if plan.overhead and peers:
+        def t():
+            store["peers"]["overhead"] = pe.overhead(peers)
+        tasks.append(("peer overhead", t))
+    return tasks
+
+
 def build_tasks(plan: Plan, args, problems, store: dict) -> list[tuple[str, callable]]:
     tasks = []
     cases: dict = {}
@@ -183,23 +206,7 @@ def build_tasks(plan: Plan, args, problems, store: dict) -> list[tuple[str, call
     if "fewstep" in plan.sections:
         tasks += fewstep_tasks(plan, args, store)
     if "peers" in plan.sections:
-        from . import peers as pe
-        peers, missing = pe.available_peers()
-        store["peers"]["missing"] = missing
-        refs = pe.RefCache()
-        for peer in peers:
-            def t(peer=peer):
-                store["peers"]["orders"].append(pe.check_order(peer, problems["gaussian"], refs, args.tol))
-            tasks.append((f"peer order {peer.name}", t))
-        for pname in plan.peer_problems:
-            for peer in peers:
-                def t(peer=peer, pname=pname):
-                    store["peers"]["compare"].append(pe.compare(peer, problems[pname], refs, plan.peer_nfe))
-                tasks.append((f"peer {pname}/{peer.name}", t))
-        if plan.overhead and peers:
-            def t(peers=peers):
-                store["peers"]["overhead"] = pe.overhead(peers)
-            tasks.append(("peer overhead", t))
+        tasks += peer_tasks(plan, args, problems, store)
     if "stoch" in plan.sections and "vp" in plan.stoch_sdes:
         def t():   # a deterministic panel for the 2-D scatter: an ODE sampler at 10 NFE
             c = det.Case("vp", SDES["vp"](), problems["mixture2d"], samples=plan.sw_samples)
