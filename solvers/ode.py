@@ -247,10 +247,9 @@ class PFODE(Solver):
     _ADAPTIVE_RK = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
     def validate_options(self) -> None:
-        from torchdiffeq._impl.odeint import SOLVERS
-
-        if self.ode_method not in SOLVERS:
-            raise ValueError(f"ode_method must be one of {sorted(SOLVERS)}; got {self.ode_method!r}")
+        methods = self._FIXED + self._ADAPTIVE_RK
+        if self.ode_method not in methods:
+            raise ValueError(f"ode_method must be one of {sorted(methods)}; got {self.ode_method!r}")
         if self.rtol is not None:
             check_float(self.rtol, "rtol", low=0.0)
         check_float(self.atol, "atol", low=0.0)

@@ -437,3 +437,15 @@ def test_multistep_split_restarts_the_history():
     assert split.stats["orders"][0] == 1 and whole.stats["orders"][8] == 2
     diff = float((split.x - whole.x).abs().max())
     assert 0 < diff < 10 * float((whole.x - exact).abs().max())
+
+
+def test_no_private_imports_of_other_packages():
+    """The library reads other packages through their public API only (a private module such as
+    ``torchdiffeq._impl`` can change in any release)."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    pat = re.compile(r"^\s*(?:from|import)\s+(?!solvers|scoresde|validation)[A-Za-z][\w.]*\._\w", re.M)
+    bad = [f"{p.relative_to(root)}: {m.group(0).strip()}" for d in ("solvers", "scoresde", "validation")
+           for p in (root / d).rglob("*.py") for m in pat.finditer(p.read_text())]
+    assert bad == []
