@@ -633,91 +633,106 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
 
     x = x.detach()
     V = _draw_probes(x.shape, probes, noise, generator, x.dtype, x.device) if trace == "hutchinson" else None
-    k = probes if trace == "hutchinson" else None
-    z = torch.full_like(x, float("nan"))
-    delta = x.new_full((b,) if k is None else (b, k), float("nan"))
-    status = ["aborted"] * b
-    totals = {"solves": 0, "evaluations": 0, "accepted_steps": 0, "rejected_steps": 0}
-    nfe0 = model.nfe
     problem = _Problem(model, t_end=t_end, trace=trace, products=products, chunk=chunk, method=method,
                        steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, dtype=x.dtype, device=x.device)
+    run = _Run(model, problem, x, V, stats, on_failure, max_steps)
+    if per_sample and method == "dopri5" and b:
+        run.each()
+        return run.finish()
+    pending = [[i] for i in range(b)] if per_sample else ([list(range(b))] if b else [])
+    pending.reverse()                            # a stack: solve in sample order
+    while pending:
+        more = run.together(pending.pop())
+        pending.extend(reversed(more))
+    return run.finish()
 
-    def finish() -> LikelihoodResult:
+
+class _Run:
+    """The results of one :func:`log_likelihood` call as its solves come in: latents, log-density
+    changes, per-sample status and counters; failures recorded (or raised) per sample."""
+
+    def __init__(self, model: ScoreModel, problem: _Problem, x: Tensor, V: Tensor | None, stats: dict,
+                 on_failure: str, max_steps: int):
+        self.model, self.problem, self.x, self.V = model, problem, x, V
+        self.stats, self.on_failure, self.max_steps = stats, on_failure, max_steps
+        b = x.shape[0]
+        self.k = None if V is None else V.shape[0]
+        self.z = torch.full_like(x, float("nan"))
+        self.delta = x.new_full((b,) if self.k is None else (b, self.k), float("nan"))
+        self.status = ["aborted"] * b
+        self.totals = {"solves": 0, "evaluations": 0, "accepted_steps": 0, "rejected_steps": 0}
+        self.nfe0 = model.nfe
+
+    def finish(self) -> LikelihoodResult:
+        k, delta, x = self.k, self.delta, self.x
         if k is None:
             dl, se = delta, None
         else:
             dl = delta.mean(dim=1)
             se = delta.std(dim=1, correction=1) / math.sqrt(k) if k > 1 else torch.full_like(dl, float("nan"))
-        prior = sde.prior_log_prob(z).to(x.dtype) if b else x.new_zeros(0)
-        totals["evaluations"] = problem.evaluations
-        n_products = problem.evaluations * (d if k is None else k)
-        st = {**stats, **totals, "products_count": n_products, "status_counts": _counts(status)}
-        return LikelihoodResult(prior + dl, prior, dl, z, model.nfe - nfe0, tuple(status), se, st)
+        prior = self.model.sde.prior_log_prob(self.z).to(x.dtype) if x.shape[0] else x.new_zeros(0)
+        self.totals["evaluations"] = self.problem.evaluations
+        d = x[0].numel() if x.shape[0] else math.prod(x.shape[1:])
+        n_products = self.problem.evaluations * (d if k is None else k)
+        st = {**self.stats, **self.totals, "products_count": n_products, "status_counts": _counts(self.status)}
+        return LikelihoodResult(prior + dl, prior, dl, self.z, self.model.nfe - self.nfe0, tuple(self.status),
+                                se, st)
 
-    def fail(kind: str, msg: str, idx: list[int], err: Exception) -> None:
+    def fail(self, kind: str, msg: str, idx: list[int], err: Exception | None) -> None:
         for i in idx:
-            status[i] = kind
-        if on_failure == "raise":
-            res = finish()
+            self.status[i] = kind
+        if self.on_failure == "raise":
+            res = self.finish()
             cls = NonFiniteError if kind == "nonfinite" else SolverError
             raise cls(f"log_likelihood failed for {sample_list(idx)} "
                       f"({kind}): {msg}; nfe={res.nfe}. Pass on_failure='record' to keep the other samples",
                       nfe=res.nfe, status=res.status, partial=res) from err
 
-    def run(idx: list[int]) -> list[list[int]]:
+    def together(self, idx: list[int]) -> list[list[int]]:
         """Solve the samples ``idx`` together; returns the sub-batches still to solve."""
-        sel = torch.tensor(idx, dtype=torch.long, device=x.device)
-        totals["solves"] += 1
+        sel = torch.tensor(idx, dtype=torch.long, device=self.x.device)
+        self.totals["solves"] += 1
         try:
-            out = problem.solve(x[sel], None if V is None else V[:, sel])
+            out = self.problem.solve(self.x[sel], None if self.V is None else self.V[:, sel])
         except _NonFinite as err:            # the failing samples are known: drop them, retry the rest
             bad = [idx[i] for i in err.samples]
-            fail("nonfinite", str(err), bad, err)
+            self.fail("nonfinite", str(err), bad, err)
             gone = set(bad)
             rest = [i for i in idx if i not in gone]
             return [rest] if rest else []
         except _Failed as err:               # a shared failure: split until the culprits are isolated
-            if len(idx) == 1 or on_failure == "raise":
-                fail(err.kind, str(err), idx, err)
+            if len(idx) == 1 or self.on_failure == "raise":
+                self.fail(err.kind, str(err), idx, err)
                 return []
             half = len(idx) // 2
             return [idx[:half], idx[half:]]
-        totals["accepted_steps"] += out.accepted
-        totals["rejected_steps"] += out.rejected
-        z[sel] = out.z
-        delta[sel] = out.delta
+        self.totals["accepted_steps"] += out.accepted
+        self.totals["rejected_steps"] += out.rejected
+        self.z[sel] = out.z
+        self.delta[sel] = out.delta
         for i in idx:
-            status[i] = "success"
+            self.status[i] = "success"
         return []
 
-    def run_each() -> None:
+    def each(self) -> None:
         """Every sample with its own step control, in one batched solve (dopri5)."""
-        totals["solves"] += b
-        out = problem.solve_each(x, V)
+        x = self.x
+        self.totals["solves"] += x.shape[0]
+        out = self.problem.solve_each(x, self.V)
         names = out.status_names
         ok = out.status == 0
-        totals["accepted_steps"] += int(out.accepted.sum())
-        totals["rejected_steps"] += int(out.rejected.sum())
+        self.totals["accepted_steps"] += int(out.accepted.sum())
+        self.totals["rejected_steps"] += int(out.rejected.sum())
         d_flat = x[0].numel()
-        z[ok] = out.y[ok, :d_flat].reshape(-1, *x.shape[1:])
-        delta[ok] = out.y[ok, d_flat:].reshape(delta[ok].shape)
+        self.z[ok] = out.y[ok, :d_flat].reshape(-1, *x.shape[1:])
+        self.delta[ok] = out.y[ok, d_flat:].reshape(self.delta[ok].shape)
         for i, name in enumerate(names):
-            status[i] = name
+            self.status[i] = name
         for kind in STATUS_NAMES[1:][::-1]:            # nonfinite first, then underflow, max_steps
             idx = [i for i, name in enumerate(names) if name == kind]
             if idx:
                 where = ", ".join(f"{float(out.t[i]):.6g}" for i in idx[:5]) + (", ..." if len(idx) > 5 else "")
-                fail(kind, f"{_EACH_FAILURE[kind].format(max_steps=max_steps)}, at t={where}", idx, None)
-
-    if per_sample and method == "dopri5" and b:
-        run_each()
-        return finish()
-    pending = [[i] for i in range(b)] if per_sample else ([list(range(b))] if b else [])
-    pending.reverse()                            # a stack: solve in sample order
-    while pending:
-        more = run(pending.pop())
-        pending.extend(reversed(more))
-    return finish()
+                self.fail(kind, f"{_EACH_FAILURE[kind].format(max_steps=self.max_steps)}, at t={where}", idx, None)
 
 
 _EACH_FAILURE = {
