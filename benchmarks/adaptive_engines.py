@@ -15,8 +15,9 @@ Engines, all run in the same process, one after another on the same points:
 
 - ``lib shared``    ``solvers.log_likelihood(per_sample=False)``: torchdiffeq dopri5, one step size
                     for the whole batch (error norm over the batch).
-- ``lib 1-at-a-time`` ``solvers.log_likelihood`` called on one point at a time (what
-                    ``per_sample=True`` does), timed on ``--loop-points`` points and scaled to N.
+- ``lib 1-at-a-time`` ``solvers.log_likelihood(per_sample=False)`` called on one point at a time
+                    (torchdiffeq on batches of one: what batch-independent likelihoods cost
+                    before the per-sample engine), timed on ``--loop-points`` points, scaled to N.
 - ``tdq shared``    torchdiffeq ``odeint`` (dopri5, shared step) called directly on this file's
                     right-hand side -- the same function the per-sample engines call, so that
                     ``torchode / tdq shared`` compares the engines, not the right-hand sides.
@@ -145,7 +146,7 @@ class AugmentedRHS:
 # ----------------------------------------------------------------------------- engines
 def run_library(model, x, trace):
     kw = {} if trace == "exact" else {"generator": probe_generators(x.shape[0])}
-    res = solvers.log_likelihood(model, x, trace, rtol=RTOL, atol=ATOL, t_end=T_END, **kw)
+    res = solvers.log_likelihood(model, x, trace, rtol=RTOL, atol=ATOL, t_end=T_END, per_sample=False, **kw)
     steps = torch.full((x.shape[0],), float(res.stats["accepted_steps"]), dtype=DT)
     return res.z, res.delta_log_prob, res.nfe, steps
 
@@ -154,7 +155,8 @@ def run_library_loop(model, x, trace):
     zs, ds, nfe, steps = [], [], 0, []
     for i in range(x.shape[0]):
         kw = {} if trace == "exact" else {"generator": probe_generators(1, start=i)}
-        res = solvers.log_likelihood(model, x[i:i + 1], trace, rtol=RTOL, atol=ATOL, t_end=T_END, **kw)
+        res = solvers.log_likelihood(model, x[i:i + 1], trace, rtol=RTOL, atol=ATOL, t_end=T_END,
+                                     per_sample=False, **kw)       # torchdiffeq on a batch of one
         zs.append(res.z), ds.append(res.delta_log_prob)
         nfe += res.nfe
         steps.append(float(res.stats["accepted_steps"]))
@@ -234,7 +236,7 @@ def run_library_per_sample(model, x, trace):
     """``solvers.log_likelihood(per_sample=True)``: the engine behind the public API."""
     kw = {} if trace == "exact" else {"generator": probe_generators(x.shape[0])}
     res = solvers.log_likelihood(model, x, trace, rtol=RTOL, atol=ATOL, t_end=T_END, per_sample=True, **kw)
-    steps = torch.full((x.shape[0],), res.stats["accepted_steps"] / max(1, x.shape[0]), dtype=DT)
+    steps = torch.tensor(res.stats["accepted"], dtype=DT)
     return res.z, res.delta_log_prob, res.nfe, steps
 
 

@@ -47,9 +47,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["PerSampleSolution", "solve_per_sample", "STATUS_NAMES"]
+__all__ = ["PerSampleSolution", "solve_per_sample", "solve_shared", "STATUS_NAMES"]
 
-#: Status codes of :attr:`PerSampleSolution.status`, indexed by code.
+#: Status codes of :attr:`PerSampleSolution.status`, indexed by code (``-1``: still running when
+#: the solve was stopped, named ``"aborted"``).
 STATUS_NAMES = ("success", "max_steps", "step_size_underflow", "nonfinite")
 SUCCESS, MAX_STEPS, UNDERFLOW, NONFINITE = range(4)
 _RUNNING = -1
@@ -74,6 +75,9 @@ class PerSampleSolution:
     - ``accepted``, ``rejected``, ``evaluations`` ``[B]`` long: per-sample accepted and rejected
       steps and right-hand-side evaluations (rows of ``rhs`` calls that held the sample).
     - ``calls``: batched ``rhs`` calls in all.
+    - ``ys`` ``[len(t_eval), B, ...]``: the states at the times ``t_eval`` (None if not asked);
+      a failed sample's rows after it stopped are NaN.
+    - ``dt`` ``[B]``: the last step size each sample tried (None where unknown).
     """
 
     y: Tensor
@@ -83,10 +87,17 @@ class PerSampleSolution:
     rejected: Tensor
     evaluations: Tensor
     calls: int
+    ys: Tensor | None = None
+    dt: Tensor | None = None
 
     @property
     def status_names(self) -> tuple:
-        return tuple(STATUS_NAMES[int(s)] for s in self.status.tolist())
+        return tuple("aborted" if s < 0 else STATUS_NAMES[s] for s in self.status.tolist())
+
+    @property
+    def ok(self) -> Tensor:
+        """``[B]`` bool: the samples that reached ``t1``."""
+        return self.status == SUCCESS
 
 
 def rms_norm(err: Tensor) -> Tensor:
@@ -94,7 +105,7 @@ def rms_norm(err: Tensor) -> Tensor:
     return err.flatten(1).pow(2).mean(1).sqrt() if err.ndim > 1 else err.abs()
 
 
-def _check_args(y0, t0, t1, rtol, atol, max_steps, dt_min, jump_t) -> tuple[float, float]:
+def _check_args(y0, t0, t1, rtol, atol, max_steps, dt_min, jump_t, t_eval) -> tuple[float, float]:
     if not isinstance(y0, Tensor) or not y0.is_floating_point() or y0.ndim < 1:
         raise TypeError(f"y0 must be a floating-point tensor [B, ...], got {type(y0).__name__}"
                         + (f" {y0.dtype} of shape {tuple(y0.shape)}" if isinstance(y0, Tensor) else ""))
@@ -114,20 +125,36 @@ def _check_args(y0, t0, t1, rtol, atol, max_steps, dt_min, jump_t) -> tuple[floa
             raise TypeError(f"jump_t must be a 1-D tensor of times or None, got {jump_t!r}")
         if jump_t.numel() > 1 and not bool((jump_t[1:] > jump_t[:-1]).all()):
             raise ValueError("jump_t must be strictly increasing")
+    if t_eval is not None:
+        if not isinstance(t_eval, Tensor) or t_eval.ndim != 1 or not t_eval.numel():
+            raise TypeError(f"t_eval must be a non-empty 1-D tensor of times or None, got {t_eval!r}")
+        te = t_eval.detach().double().cpu()
+        step = (te[1:] - te[:-1]) * (1.0 if t1 > t0 else -1.0)
+        lo, hi = min(t0, t1), max(t0, t1)
+        if bool((step <= 0).any()) or float(te.min()) < lo or float(te.max()) > hi:
+            raise ValueError(f"t_eval must run strictly from t0={t0} towards t1={t1} inside [t0, t1]")
     return float(t0), float(t1)
 
 
-def _stops(t0: float, t1: float, jump_t: Tensor | None, tdtype, device) -> Tensor:
-    """The knots strictly between t0 and t1 in the direction of integration, then t1."""
-    end = torch.tensor([t1], dtype=tdtype, device=device)
-    if jump_t is None or not jump_t.numel():
-        return end
-    k = jump_t.detach().to(device=device, dtype=tdtype)
+def _stops(t0: float, t1: float, jump_t: Tensor | None, t_eval: Tensor | None, tdtype,
+           device) -> tuple[Tensor, Tensor, Tensor]:
+    """Where every sample lands, in the direction of integration: the knots strictly between t0
+    and t1, the times of ``t_eval`` after t0, and t1.  Returns the times, whether each is a knot
+    (the next step restarts its first stage there) and the ``t_eval`` row it fills (-1: none)."""
     lo, hi = min(t0, t1), max(t0, t1)
-    k = k[(k > lo) & (k < hi)]
-    if t1 < t0:
-        k = k.flip(0)
-    return torch.cat([k, end])
+    times = {t1: [False, -1]}
+    if jump_t is not None:
+        for k in jump_t.detach().to(tdtype).cpu().tolist():
+            if lo < k < hi:
+                times.setdefault(k, [False, -1])[0] = True
+    if t_eval is not None:
+        for j, v in enumerate(t_eval.detach().to(tdtype).cpu().tolist()):
+            if v != t0:
+                times.setdefault(v, [False, -1])[1] = j
+    order = sorted(times, reverse=t1 < t0)
+    return (torch.tensor(order, dtype=tdtype, device=device),
+            torch.tensor([times[v][0] for v in order], device=device),
+            torch.tensor([times[v][1] for v in order], dtype=torch.long, device=device))
 
 
 def _initial_step(call, idx, t, y, f0, direction, span, rtol, atol, norm) -> Tensor:
@@ -154,77 +181,97 @@ def _rows_finite(v: Tensor) -> Tensor:
 
 def solve_per_sample(rhs: Callable[[Tensor, Tensor, Tensor], Tensor], y0: Tensor, t0: float, t1: float, *,
                      rtol: float, atol: float, norm: Callable[[Tensor], Tensor] | None = None,
-                     max_steps: int = 10_000, dt_min: float = 0.0,
-                     jump_t: Tensor | None = None) -> PerSampleSolution:
+                     max_steps: int = 10_000, dt_min: float = 0.0, jump_t: Tensor | None = None,
+                     t_eval: Tensor | None = None,
+                     on_step: Callable[[int, Tensor, Tensor], None] | None = None) -> PerSampleSolution:
     """Integrate ``dy/dt = rhs(t, y, idx)`` from ``t0`` to ``t1`` with one adaptive step per
     sample (module docstring: Dormand-Prince 5(4), per-sample step control, failures).
 
     ``rhs(t, y, idx)`` receives the running samples' times ``t [B']`` (float64; float32 on MPS),
     states ``y [B', ...]`` and their indices ``idx [B']`` into the batch (e.g. to select
     per-sample data), and returns ``dy/dt [B', ...]``; row ``j`` must depend only on row ``j``.
-    ``max_steps``: step attempts per sample.  ``jump_t``: increasing times every sample lands on.
+    ``max_steps``: step attempts per sample.  ``jump_t``: increasing times every sample lands on
+    (knots of the right-hand side).  ``t_eval``: times (from ``t0`` towards ``t1``) every sample
+    also lands on, its state there returned in ``ys`` (landing changes the steps, not the order).
+    ``on_step(iteration, t, y)``: called after every round of step attempts.
     """
-    t0, t1 = _check_args(y0, t0, t1, rtol, atol, max_steps, dt_min, jump_t)
-    norm = rms_norm if norm is None else norm
+    t0, t1 = _check_args(y0, t0, t1, rtol, atol, max_steps, dt_min, jump_t, t_eval)
     b, dev = y0.shape[0], y0.device
     tdtype = torch.float32 if dev.type == "mps" else torch.float64
-    direction = 1.0 if t1 > t0 else -1.0
-    stops = _stops(t0, t1, jump_t, tdtype, dev)
-    t = torch.full((b,), t0, dtype=tdtype, device=dev)
-    y = y0.detach().clone()
-    status = torch.full((b,), _RUNNING, dtype=torch.long, device=dev)
-    accepted, rejected, evals = (torch.zeros(b, dtype=torch.long, device=dev) for _ in range(3))
-    nxt = torch.zeros(b, dtype=torch.long, device=dev)          # index of the next stop
-    calls = [0]
-
-    def call(idx: Tensor, tt: Tensor, yy: Tensor) -> Tensor:
-        calls[0] += 1
-        evals[idx] += 1
-        return rhs(tt, yy, idx)
-
-    def stop_nonfinite(idx: Tensor, values: Tensor) -> Tensor:
-        """Mark rows of ``idx`` whose ``values`` are not finite; return the others."""
-        ok = _rows_finite(values)
-        status[idx[~ok]] = NONFINITE
-        return idx[ok]
-
+    st = _State(y0, t0, t1, rtol, atol, rms_norm if norm is None else norm, dt_min,
+                _stops(t0, t1, jump_t, t_eval, tdtype, dev), tdtype, rhs)
+    if t_eval is not None:
+        st.ys = y0.new_full((t_eval.numel(), *y0.shape), math.nan)
+        if float(t_eval[0]) == t0:
+            st.ys[0] = y0
     every = torch.arange(b, device=dev)
-    k1 = call(every, t, y) if b else y.clone()
-    run = stop_nonfinite(every, torch.cat([y.flatten(1), k1.flatten(1)], 1) if y.ndim > 1 else y + k1)
-    h = torch.zeros(b, dtype=tdtype, device=dev)
+    k1 = st.call(every, st.t, st.y) if b else st.y.clone()
+    st.k1 = k1
+    run = st.stop_nonfinite(every, torch.cat([st.y.flatten(1), k1.flatten(1)], 1) if st.y.ndim > 1 else st.y + k1)
     if run.numel():
-        h[run] = _initial_step(call, run, t[run], y[run], k1[run], direction, abs(stops[0].item() - t0),
-                               rtol, atol, norm)
-        run = stop_nonfinite(run, h[run])
-    fresh = torch.zeros(b, dtype=torch.bool, device=dev)        # first stage to recompute (after a knot)
+        st.h[run] = _initial_step(st.call, run, st.t[run], st.y[run], k1[run], st.direction,
+                                  abs(st.stops[0].item() - t0), rtol, atol, st.norm)
+        run = st.stop_nonfinite(run, st.h[run])
+    iteration = 0
     while run.numel():
-        over = (accepted[run] + rejected[run]) >= max_steps
-        status[run[over]] = MAX_STEPS
+        over = (st.accepted[run] + st.rejected[run]) >= max_steps
+        st.status[run[over]] = MAX_STEPS
         run = run[~over]
-        need = run[fresh[run]]
+        need = run[st.fresh[run]]
         if need.numel():
-            after = torch.nextafter(t[need], torch.full_like(t[need], direction * math.inf))
-            k1[need] = call(need, after, y[need])
-            fresh[need] = False
-            run = stop_nonfinite(run, k1[run])
+            after = torch.nextafter(st.t[need], torch.full_like(st.t[need], st.direction * math.inf))
+            st.k1[need] = st.call(need, after, st.y[need])
+            st.fresh[need] = False
+            run = st.stop_nonfinite(run, st.k1[run])
         if not run.numel():
             break
-        run = _attempt(call, run, t, y, h, k1, status, accepted, rejected, nxt, fresh, stops, direction,
-                       rtol, atol, norm, dt_min)
-    return PerSampleSolution(y, t, status, accepted, rejected, evals, calls[0])
+        run = _attempt(st, run)
+        if on_step is not None:
+            on_step(iteration, st.t, st.y)
+        iteration += 1
+    return PerSampleSolution(st.y, st.t, st.status, st.accepted, st.rejected, st.evals, st.calls, st.ys, st.h)
 
 
-def _attempt(call, run, t, y, h, k1, status, accepted, rejected, nxt, fresh, stops, direction, rtol, atol,
-             norm, dt_min) -> Tensor:
-    """One step attempt for the samples ``run`` (updates the state in place); returns the
-    samples still running."""
-    tr, yr = t[run], y[run]
-    target = stops[nxt[run]]
+class _State:
+    """The per-sample state of one :func:`solve_per_sample` call."""
+
+    def __init__(self, y0, t0, t1, rtol, atol, norm, dt_min, stops, tdtype, rhs):
+        b, dev = y0.shape[0], y0.device
+        self.rtol, self.atol, self.norm, self.dt_min, self.rhs = rtol, atol, norm, dt_min, rhs
+        self.stops, self.knot, self.save = stops
+        self.direction = 1.0 if t1 > t0 else -1.0
+        self.t = torch.full((b,), t0, dtype=tdtype, device=dev)
+        self.y = y0.detach().clone()
+        self.h = torch.zeros(b, dtype=tdtype, device=dev)
+        self.status = torch.full((b,), _RUNNING, dtype=torch.long, device=dev)
+        self.accepted, self.rejected, self.evals = (torch.zeros(b, dtype=torch.long, device=dev) for _ in range(3))
+        self.nxt = torch.zeros(b, dtype=torch.long, device=dev)          # index of the next stop
+        self.fresh = torch.zeros(b, dtype=torch.bool, device=dev)        # first stage to recompute (past a knot)
+        self.k1, self.ys, self.calls = None, None, 0
+
+    def call(self, idx: Tensor, tt: Tensor, yy: Tensor) -> Tensor:
+        self.calls += 1
+        self.evals[idx] += 1
+        return self.rhs(tt, yy, idx)
+
+    def stop_nonfinite(self, idx: Tensor, values: Tensor) -> Tensor:
+        """Mark rows of ``idx`` whose ``values`` are not finite; return the others."""
+        ok = _rows_finite(values)
+        self.status[idx[~ok]] = NONFINITE
+        return idx[ok]
+
+
+def _attempt(st: _State, run: Tensor) -> Tensor:
+    """One step attempt for the samples ``run`` (updates ``st`` in place); returns the samples
+    still running."""
+    direction = st.direction
+    tr, yr = st.t[run], st.y[run]
+    target = st.stops[st.nxt[run]]
     gap = (target - tr).abs()
-    lands = h[run] >= gap
-    hr = torch.where(lands, gap, h[run])
-    under = (hr <= dt_min) | (tr + direction * hr == tr)
-    status[run[under]] = UNDERFLOW
+    lands = st.h[run] >= gap
+    hr = torch.where(lands, gap, st.h[run])
+    under = (hr <= st.dt_min) | (tr + direction * hr == tr)
+    st.status[run[under]] = UNDERFLOW
     if bool(under.any()):
         keep = ~under
         run, tr, yr, target, lands, hr = run[keep], tr[keep], yr[keep], target[keep], lands[keep], hr[keep]
@@ -233,32 +280,129 @@ def _attempt(call, run, t, y, h, k1, status, accepted, rejected, nxt, fresh, sto
     # a step onto a knot evaluates its c = 1 stages just before the knot
     before = torch.nextafter(target, target - direction)
     hy = _col(direction * hr, yr)
-    ks = [k1[run]]
+    ks = [st.k1[run]]
     for s in range(1, 7):
         ts = tr + direction * _C[s] * hr
         if _C[s] == 1.0:
             ts = torch.where(lands, before, ts)
         ys = yr + hy * sum(a * k for a, k in zip(_A[s], ks) if a != 0.0)
-        ks.append(call(run, ts, ys))
+        ks.append(st.call(run, ts, ys))
     y_new = ys                                                   # the seventh stage sits at y_new
     err = hy * sum(e * k for e, k in zip(_E, ks) if e != 0.0)
-    ratio = norm(err / (atol + rtol * torch.maximum(yr.abs(), y_new.abs())))
+    ratio = st.norm(err / (st.atol + st.rtol * torch.maximum(yr.abs(), y_new.abs())))
     bad = ~torch.isfinite(ratio) | ~_rows_finite(y_new) | ~_rows_finite(ks[6])
-    status[run[bad]] = NONFINITE
+    st.status[run[bad]] = NONFINITE
     ok = (ratio <= 1.0) & ~bad
     acc, rej = run[ok], run[~ok & ~bad]
     landed = lands[ok]
-    t[acc] = torch.where(landed, target[ok], tr[ok] + direction * hr[ok])
-    y[acc], k1[acc] = y_new[ok], ks[6][ok]
-    accepted[acc] += 1
-    rejected[rej] += 1
-    done = acc[landed & (nxt[acc] == stops.numel() - 1)]
-    status[done] = SUCCESS
-    knot = acc[landed & (nxt[acc] < stops.numel() - 1)]
-    nxt[knot] += 1
-    fresh[knot] = True
+    st.t[acc] = torch.where(landed, target[ok], tr[ok] + direction * hr[ok])
+    st.y[acc], st.k1[acc] = y_new[ok], ks[6][ok]
+    st.accepted[acc] += 1
+    st.rejected[rej] += 1
+    on_stop = acc[landed]
+    stop = st.nxt[on_stop]
+    if st.ys is not None:
+        row = st.save[stop]
+        keep = row >= 0
+        st.ys[row[keep], on_stop[keep]] = st.y[on_stop[keep]]
+    last = stop == st.stops.numel() - 1
+    st.status[on_stop[last]] = SUCCESS
+    moving = on_stop[~last]
+    st.fresh[moving] = st.knot[st.nxt[moving]]
+    st.nxt[moving] += 1
     factor = (_SAFETY * ratio.clamp_min(1e-10) ** -_ORDER_EXP).clamp(_FACTOR_MIN, _FACTOR_MAX)
     factor = torch.where(ok, factor, factor.clamp_max(1.0)).to(hr.dtype)
     live = ~bad
-    h[run[live]] = (hr * factor)[live]
-    return run[status[run] == _RUNNING]
+    st.h[run[live]] = (hr * factor)[live]
+    return run[st.status[run] == _RUNNING]
+
+
+class _Stop(Exception):
+    """Raised from inside torchdiffeq's loop by :func:`solve_shared`'s own checks."""
+
+    def __init__(self, code: int, rows: Tensor | None = None):
+        super().__init__(STATUS_NAMES[code])
+        self.code, self.rows = code, rows
+
+
+def solve_shared(rhs: Callable[[Tensor, Tensor, Tensor], Tensor], y0: Tensor, t0: float, t1: float, *,
+                 method: str, rtol: float, atol: float, norm: Callable[[Tensor], Tensor] | None = None,
+                 max_steps: int = 10_000, jump_t: Tensor | None = None, grid: Tensor | None = None,
+                 t_eval: Tensor | None = None,
+                 on_accept: Callable[[int, float, Tensor], None] | None = None) -> PerSampleSolution:
+    """torchdiffeq's ``odeint`` with one step size for the whole batch, returning the same
+    :class:`PerSampleSolution` as :func:`solve_per_sample` (counters equal for every sample).
+
+    ``rhs(t, y, idx)``: ``t`` a 0-d float64 tensor (float32 on MPS), ``idx`` every row.  ``norm``:
+    the batch's error norm ``[B, ...] -> scalar`` (default RMS over everything).  Adaptive
+    methods step onto ``jump_t`` and never evaluate past ``t1``; fixed-step methods step on
+    ``grid`` (times from ``t0`` to ``t1``).  Failures are detected by this function's own checks
+    before torchdiffeq's (``max_steps`` attempts, a step that no longer moves ``t``, a
+    non-finite state or right-hand side), never read from torchdiffeq's messages: the status of
+    every sample is then the failure's (non-finite rows: ``nonfinite``, the others ``aborted``)
+    and ``y``, ``t`` the start of the last accepted step.  ``on_accept(i, t, y)``: called with
+    the state at the start of every accepted step after the first (fixed grids: every step).
+    """
+    from torchdiffeq import odeint
+
+    t0, t1 = _check_args(y0, t0, t1, rtol, atol, max_steps, 0.0, jump_t, t_eval)
+    b, dev = y0.shape[0], y0.device
+    tdtype = torch.float32 if dev.type == "mps" else torch.float64
+    every = torch.arange(b, device=dev)
+    track = {"calls": 0, "attempts": 0, "accepted": 0, "t": t0, "y": y0, "dt": math.nan}
+    tiny = 4.0 * torch.finfo(tdtype).eps
+
+    def func(t: Tensor, y: Tensor) -> Tensor:
+        track["calls"] += 1
+        out = rhs(t.detach().to(tdtype), y, every)
+        ok = _rows_finite(out)
+        if not bool(ok.all()):
+            raise _Stop(NONFINITE, every[~ok])
+        return out
+
+    def on_step(t: Tensor, y: Tensor, dt: Tensor) -> None:
+        track["attempts"] += 1
+        track["dt"] = abs(float(dt))
+        if grid is not None:
+            accept(t, y, dt)
+            return
+        if track["attempts"] > max_steps:
+            raise _Stop(MAX_STEPS)
+        if not bool(dt.abs() > tiny * t.abs()):
+            raise _Stop(UNDERFLOW)
+        if not bool(torch.isfinite(y).all()):
+            raise _Stop(NONFINITE, every[~_rows_finite(y)])
+
+    def accept(t: Tensor, y: Tensor, dt: Tensor) -> None:
+        if track["accepted"] and on_accept is not None:
+            on_accept(track["accepted"] - 1, float(t), y)
+        track.update(t=float(t), y=y)
+        track["accepted"] += 1
+
+    func.callback_step = on_step
+    options: dict = {}
+    if grid is not None:
+        g = grid.to(dtype=tdtype, device=dev)
+        options["grid_constructor"] = lambda f, y_, t_: g
+    else:
+        func.callback_accept_step = accept
+        options.update(step_t=torch.tensor([t1], dtype=tdtype), max_num_steps=10 * max_steps + 10)
+        if jump_t is not None and jump_t.numel():
+            options["jump_t"] = jump_t.to(tdtype)
+    times = t_eval if t_eval is not None else torch.tensor([t0, t1], dtype=tdtype)
+    status = torch.full((b,), SUCCESS, dtype=torch.long, device=dev)
+    ys = None
+    try:
+        out = odeint(func, y0, times.to(dtype=tdtype, device=dev), method=method, rtol=rtol, atol=atol,
+                     options=options if norm is None else {**options, "norm": norm})
+        y, t_reached = out[-1], t1
+        ys = out if t_eval is not None else None
+    except _Stop as stop:
+        status.fill_(_RUNNING if stop.rows is not None else stop.code)
+        if stop.rows is not None:
+            status[stop.rows] = stop.code
+        y, t_reached = track["y"], track["t"]
+    attempts, acc = track["attempts"], track["accepted"]
+    counts = [torch.full((b,), v, dtype=torch.long, device=dev) for v in (acc, attempts - acc, track["calls"])]
+    return PerSampleSolution(y, torch.full((b,), t_reached, dtype=tdtype, device=dev), status, *counts,
+                             track["calls"], ys, torch.full((b,), track["dt"], dtype=tdtype, device=dev))

@@ -9,7 +9,8 @@ from the data end ``t_end`` up to ``T``,
           \qquad z = x_T,\ x_{t_{end}} = x.
 
 :func:`log_likelihood` integrates the augmented state :math:`[x_t,\ \delta_t]` with
-:math:`d\delta/dt = \nabla\cdot v` from ``t_end`` to ``T`` with torchdiffeq's ``odeint``
+:math:`d\delta/dt = \nabla\cdot v` from ``t_end`` to ``T`` through :mod:`solvers.adaptive_driver`
+(the per-sample dopri5 engine by default, torchdiffeq's ``odeint`` otherwise)
 (entirely in torch, in the input's dtype and device), and returns ``log_prob =
 prior_log_prob(z) + delta_log_prob`` with the SDE's prior :math:`\pi` standing in for
 :math:`p_T`.  The model's density is therefore :math:`\log\pi(\Phi(x)) + \log|\det
@@ -92,13 +93,15 @@ local ``enable_grad``, the network's parameters are never differentiated (only t
 and every returned tensor is detached.  Peak memory is that of one evaluation, whatever the
 number of steps.
 
-**Batches.**  By default the whole batch shares the adaptive step (the error norm is taken
-over the batch): a sample's result then depends on its batch-mates only through the step
-sizes, i.e. within the solver tolerance, not bitwise.  ``per_sample=True`` gives every sample
-its own step size, error estimate and accept/reject decision (with dopri5: one batched solve by
-:func:`solvers.adaptive.solve_per_sample`, evaluating only the samples still running; other
-methods: one solve per sample), so a sample's result does not depend on its batch-mates beyond
-the rounding of the batched network (measured 3.6e-15 nats on a 3-d MLP).  A
+**Batches.**  With dopri5 (the default) every sample has its own step size, error estimate
+and accept/reject decision, in one batched solve (:func:`solvers.adaptive.solve_per_sample`,
+evaluating only the samples still running), so a sample's result does not depend on its
+batch-mates beyond the rounding of the batched network (measured 3.6e-15 nats on a 3-d MLP).
+``per_sample=False`` lets the whole batch share torchdiffeq's adaptive step (the error norm
+taken over the batch): a sample's result then depends on its batch-mates through the step
+sizes, i.e. within the solver tolerance, and is 9-30x less accurate at the same tolerance
+(``benchmarks/adaptive_engines.py``).  Every solve, in either mode, goes through
+:mod:`solvers.adaptive_driver`.  A
 solve that fails (``max_steps``, step-size underflow, a non-finite drift or divergence) is
 reported per sample in ``res.status`` with NaN results for those samples -- never a truncated
 integral -- and raises :class:`SolverError` unless ``on_failure="record"``.
@@ -108,9 +111,10 @@ same drift; decoding is ``solvers.sample(model, z, "pf_ode", t_end=...)``.
 
 **Limits.**  On CUDA every evaluation synchronises once (the finiteness check), as the adaptive
 step control already does.  A :class:`~scoresde.sde.DiscreteVPSDE` has piecewise-constant
-:math:`f, g^2` (N knots in t): dopri5's error estimate does not see the kinks well, so the
-integral converges slowly (measured, N = 1000, Gaussian d=2: error 2e-3 nats at rtol 1e-6 and
-1.3e-3 at 1e-7, about 2e4 NFE at 1e-8); the continuous schedules converge at the tolerance.
+:math:`f, g^2` (N knots in t); by default it is integrated in half-log-SNR time, where its flow
+is smooth (``time_variable``; measured N = 1000, Gaussian d = 2, rtol = atol = 1e-8: within 1e-7
+nats of the closed form at under 2x the continuous VP's NFE, against about 7000 NFE stepping
+onto every knot in ``t``).
 """
 from __future__ import annotations
 
@@ -125,9 +129,10 @@ from torch import Tensor
 
 from scoresde._checks import check_batch_tensor, check_float, check_floating, check_int, sample_list
 from scoresde.model import ScoreModel
-from scoresde.sde import SDE, LinearSDE
+from scoresde.sde import SDE
 
-from .adaptive import STATUS_NAMES, PerSampleSolution, rms_norm, solve_per_sample
+from . import adaptive_driver
+from .adaptive import PerSampleSolution, rms_norm
 from .base import CheckedModel, NonFiniteError, Solution, SolverError, _check_model, _check_net_device
 from .ode import PFODE, check_tolerances, knots_inside, pf_ode_drift
 from .timesteps import TimeGrid
@@ -290,37 +295,12 @@ def _not_differentiable(t64: Tensor, why: str) -> ValueError:
     )
 
 
-class _NonFinite(Exception):
-    def __init__(self, samples: list[int], message: str):
-        super().__init__(message)
-        self.samples = samples
-
-
-class _Failed(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-class _MaxSteps(Exception):
-    pass
-
-
-@dataclass
-class _Outcome:
-    z: Tensor
-    delta: Tensor          # [B] exact, [B, k] hutchinson
-    evaluations: int
-    accepted: int
-    rejected: int
-
-
 class _Problem:
     """Everything fixed for one call; :meth:`solve` integrates one batch."""
 
     def __init__(self, model: ScoreModel, *, t_end: float, trace: str, products: str, chunk: int,
                  method: str, steps: int | None, rtol: float, atol: float, max_steps: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, time_variable: str = "auto"):
         self.model, self.sde = model, model.sde
         self.t_end, self.T = t_end, float(self.sde.T)
         self.trace, self.products, self.chunk = trace, products, chunk
@@ -328,7 +308,7 @@ class _Problem:
         self.tdtype = torch.float32 if device.type == "mps" else torch.float64
         self.device = device
         self.fixed = method in _FIXED
-        self.t_span = torch.tensor([t_end, self.T], dtype=self.tdtype, device=device)
+        self.change = None if self.fixed else adaptive_driver.time_change(self.sde, t_end, self.T, time_variable)
         self.grid = torch.linspace(t_end, self.T, steps + 1, dtype=self.tdtype, device=device) if self.fixed else None
         self.evaluations = 0       # over every solve of the call, failed ones included
         self.graph_checked = False  # the network's output was seen to depend on x
@@ -413,77 +393,17 @@ class _Problem:
             div = div + torch.diagonal(g.reshape(j - i, b, d)[:, :, i:j], dim1=0, dim2=2).sum(-1)
         return v, div
 
-    # -- one batch ------------------------------------------------------------
-    def solve(self, x: Tensor, V: Tensor | None) -> _Outcome:
-        from torchdiffeq import odeint
-
-        # finiteness is checked here, on the drift and its divergence, for every mode (a check
-        # inside the network call would be data-dependent control flow under vmap)
+    # -- one solve ------------------------------------------------------------
+    def solve(self, x: Tensor, V: Tensor | None, per_sample: bool) -> PerSampleSolution:
+        """Integrate the flat augmented state ``[x, delta]`` of the samples ``x`` (probes ``V``)
+        through :func:`solvers.adaptive_driver.integrate`: every sample its own dopri5 step
+        control (``per_sample``) or one step for the batch (torchdiffeq; fixed methods on the
+        uniform grid).  The error norm is torchdiffeq's mixed norm ``max(rms(err_x),
+        rms(err_delta))``, per sample or over the batch.  Finiteness is checked on the drift
+        and its divergence by the engine, per sample (a check inside the network call would be
+        data-dependent control flow under vmap)."""
         ev = _RecordingModel(self.model, None, check_finite=False)
         drift = pf_ode_drift(self.model, ev, x)
-        div_fn = self._vjp if self.products == "vjp" else self._jvp
-        t_lo, t_hi = self.t_end, self.T
-        count = {"evals": 0, "attempts": 0, "accepted": 0}
-        track = {"t": t_lo, "dt": None}
-        b = x.shape[0]
-
-        def func(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-            y = state[0]
-            ev.step_index = count["evals"]
-            count["evals"] += 1
-            self.evaluations += 1
-            t64 = t.detach().to(torch.float64).clamp(t_lo, t_hi)   # never outside [t_end, T]
-            v, div = div_fn(drift, ev, y, t64, V)
-            ok = torch.isfinite(v).reshape(b, -1).all(1) & torch.isfinite(div).reshape(b, -1).all(1)
-            if not bool(ok.all()):
-                idx = torch.nonzero(~ok).flatten().tolist()
-                raise _NonFinite(idx, f"the probability-flow drift or its divergence is non-finite at "
-                                      f"evaluation {count['evals']}, t={float(t64):.6g}, {sample_list(idx)}")
-            return v, div
-
-        def on_attempt(t0, y0, dt) -> None:
-            count["attempts"] += 1
-            if count["attempts"] > self.max_steps:
-                raise _MaxSteps()
-
-        def on_accept(t0, y0, dt) -> None:
-            count["accepted"] += 1
-            track["t"], track["dt"] = float(t0), abs(float(dt))
-
-        options: dict = {}
-        if self.fixed:
-            options["grid_constructor"] = lambda f, y0, t: self.grid
-        else:
-            func.callback_step = on_attempt
-            func.callback_accept_step = on_accept
-            options["step_t"] = torch.tensor([self.T], dtype=self.tdtype)
-            jumps = knots_inside(self.sde, self.t_end, self.T, self.tdtype)
-            if jumps.numel():
-                options["jump_t"] = jumps    # step onto the schedule's knots (see pf_ode)
-        delta0 = x.new_zeros(b) if V is None else x.new_zeros(b, V.shape[0])
-        try:
-            with torch.no_grad():
-                xs, ds = odeint(func, (x, delta0), self.t_span, method=self.method, rtol=self.rtol,
-                                atol=self.atol, options=options)
-        except _MaxSteps:
-            raise _Failed("max_steps", f"max_steps={self.max_steps} step attempts reached at t={track['t']:.6g} "
-                                       f"(last dt={track['dt']})") from None
-        except AssertionError as err:
-            msg = str(err)
-            kind = "step_size_underflow" if "underflow" in msg else "nonfinite" if "non-finite" in msg else "failed"
-            raise _Failed(kind, f"{kind.replace('_', ' ')} at t={track['t']:.6g}: {msg[:200]}") from None
-        attempts = count["attempts"]
-        accepted = self.steps if self.fixed else count["accepted"]
-        return _Outcome(xs[-1], ds[-1], count["evals"], accepted, 0 if self.fixed else attempts - accepted)
-
-
-    # -- every sample its own step size, one batched solve -------------------------
-    def solve_each(self, x: Tensor, V: Tensor | None) -> PerSampleSolution:
-        """Integrate every sample of ``x`` with its own dopri5 step control
-        (:func:`solvers.adaptive.solve_per_sample`) on the flat state ``[x, delta]``, the error
-        norm per sample ``max(rms(err_x), rms(err_delta))`` (torchdiffeq's mixed norm, per sample)."""
-        ev = _RecordingModel(self.model, None, check_finite=False)
-        drift = _per_sample_drift(self.model, ev, x)
         div_fn = self._vjp if self.products == "vjp" else self._jvp
         b, shape = x.shape[0], x.shape[1:]
         d = math.prod(shape)
@@ -497,31 +417,22 @@ class _Problem:
             v, div = div_fn(drift, ev, y, t64, None if V is None else V[:, idx])
             return torch.cat([v.reshape(-1, d), div.reshape(-1, state.shape[1] - d)], dim=1)
 
-        def norm(err: Tensor) -> Tensor:
+        def norm_each(err: Tensor) -> Tensor:
             return torch.maximum(rms_norm(err[:, :d]), rms_norm(err[:, d:]))
+
+        def norm_batch(err: Tensor) -> Tensor:
+            return torch.maximum(err[:, :d].pow(2).mean().sqrt(), err[:, d:].pow(2).mean().sqrt())
 
         k = 1 if V is None else V.shape[0]
         state0 = torch.cat([x.reshape(b, d), x.new_zeros(b, k)], dim=1)
-        jumps = knots_inside(self.sde, self.t_end, self.T, self.tdtype)
+        jumps = None if self.fixed or self.change is not None else \
+            knots_inside(self.sde, self.t_end, self.T, self.tdtype)
         with torch.no_grad():
-            return solve_per_sample(rhs, state0, self.t_end, self.T, rtol=self.rtol, atol=self.atol, norm=norm,
-                                    max_steps=self.max_steps, jump_t=jumps if jumps.numel() else None)
-
-
-def _per_sample_drift(model: ScoreModel, ev: CheckedModel, like: Tensor):
-    """The probability-flow drift ``(x [B, ...], t64 [B]) -> dx/dt`` at per-sample times (the
-    schedule's coefficients broadcast over each sample's entries)."""
-    sde = model.sde
-    if not isinstance(sde, LinearSDE):
-        return pf_ode_drift(model, ev, like)     # sde.pf_drift takes t [B]
-
-    def drift(x: Tensor, t64: Tensor) -> Tensor:
-        eps = ev.evaluate(x, t64).eps
-        col = (-1,) + (1,) * (x.ndim - 1)
-        f = sde.f_unchecked(t64).to(x.dtype).reshape(col)
-        c = (0.5 * sde.g2_unchecked(t64) / torch.exp(sde.log_sigma_unchecked(t64))).to(x.dtype).reshape(col)
-        return f * x + c * eps
-    return drift
+            return adaptive_driver.integrate(
+                rhs, state0, self.t_end, self.T, per_sample=per_sample, method=self.method, rtol=self.rtol,
+                atol=self.atol, max_steps=self.max_steps, norm_each=norm_each, norm_batch=norm_batch,
+                jump_t=jumps if jumps is not None and jumps.numel() else None, grid=self.grid,
+                change=self.change)
 
 
 def _default_chunk(d: int, b: int, device: torch.device) -> int:
@@ -534,10 +445,10 @@ def _default_chunk(d: int, b: int, device: torch.device) -> int:
 # ------------------------------------------------------------------ public API
 def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method: str = "dopri5",
                    rtol: float | None = None, atol: float = 1e-5, t_end: float | None = None, probes: int = 1,
-                   noise: str = "rademacher", generator: Any = None, per_sample: bool = False,
+                   noise: str = "rademacher", generator: Any = None, per_sample: bool | None = None,
                    max_steps: int = 10_000, steps: int | None = None, chunk_size: int | None = None,
                    products: str = "vjp", allow_expensive: bool = False,
-                   on_failure: str = "raise") -> LikelihoodResult:
+                   on_failure: str = "raise", time_variable: str = "auto") -> LikelihoodResult:
     r"""Log-density of ``x`` under ``model`` through the probability-flow ODE (module docstring:
     :math:`\log p_{t_{end}}(x) = \log\pi(z) + \int_{t_{end}}^T\nabla\cdot v\,dt`).
 
@@ -560,13 +471,19 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
       ``torch.Generator`` (probes drawn ``[B, probes, ...]`` sample-major), a list of them (one
       per sample: a sample's probes then do not depend on the batch), or None.
     - ``per_sample``: one adaptive step control per sample (dopri5: one batched solve with
-      per-sample step sizes, :func:`solvers.adaptive.solve_per_sample`; other methods: B solves
-      on batches of one).  The result is independent of the batch up to the batched network's
-      rounding (~1e-15 relative), given the exact trace or one generator per sample; a failing
-      sample stops alone.  Default: the batch shares the adaptive steps, the error norm being taken over
-      all samples, so a sample's result depends on its batch-mates through the step sizes, i.e.
+      per-sample step sizes, :func:`solvers.adaptive.solve_per_sample`; other adaptive methods:
+      B solves on batches of one).  The result is independent of the batch up to the batched
+      network's rounding (~1e-15 relative), given the exact trace or one generator per sample;
+      a failing sample stops alone.  Default (None): True for dopri5, False otherwise.
+      ``False``: the batch shares the adaptive steps, the error norm being taken over all
+      samples, so a sample's result depends on its batch-mates through the step sizes, i.e.
       within the tolerance (measured on a 3-d MLP model, rtol 1e-5: 2.4e-7 nats).
     - ``max_steps``: step attempts (accepted + rejected) per solve (``per_sample``: per sample).
+    - ``time_variable``: ``"t"``, ``"log_snr"`` (integrate in half-log-SNR time,
+      :math:`d\delta/d\lambda = \nabla\cdot(dx/d\lambda)`, :mod:`solvers.time_change`) or
+      ``"auto"`` (default: log-SNR for a schedule with knots such as
+      :class:`~scoresde.DiscreteVPSDE`, ``t`` otherwise; the ``pf_ode`` docstring gives the
+      measured NFE and the caveat for networks that read ``t``).  Adaptive methods only.
     - ``chunk_size`` (exact trace): basis vectors per batched product (default: as many as keep a
       chunk's cotangents under 2**23 elements, and on the CPU a chunk under 2048 rows, chunk x B,
       which measured fastest).  ``allow_expensive``: silence the warning for
@@ -598,12 +515,14 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
     if trace == "exact" and probes != 1:
         raise ValueError(f"probes={probes} applies to trace='hutchinson'; trace='exact' uses no probes")
     for name, flag in (("per_sample", per_sample), ("allow_expensive", allow_expensive)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not isinstance(flag, bool) and not (name == "per_sample" and flag is None):
+            raise TypeError(f"{name} must be a bool" + (" or None" if name == "per_sample" else "") + f", got {flag!r}")
     max_steps = check_int(max_steps, "max_steps", minimum=1)
     if chunk_size is not None:
         chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
     method, steps = _check_method(method, steps)
+    if per_sample is None:
+        per_sample = method in adaptive_driver.PER_SAMPLE_METHODS
     t_end = _check_t_end(t_end, sde)
     rtol_in = max(1e-5, 100.0 * torch.finfo(x.dtype).eps) if rtol is None else rtol
     rtol, atol, notes = check_tolerances(rtol_in, atol, x.dtype)
@@ -634,9 +553,11 @@ def log_likelihood(model: ScoreModel, x: Tensor, trace: str = "exact", *, method
     x = x.detach()
     V = _draw_probes(x.shape, probes, noise, generator, x.dtype, x.device) if trace == "hutchinson" else None
     problem = _Problem(model, t_end=t_end, trace=trace, products=products, chunk=chunk, method=method,
-                       steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, dtype=x.dtype, device=x.device)
+                       steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, dtype=x.dtype, device=x.device,
+                       time_variable=time_variable)
+    stats["time_variable"] = "t" if problem.change is None else "log_snr"
     run = _Run(model, problem, x, V, stats, on_failure, max_steps)
-    if per_sample and method == "dopri5" and b:
+    if per_sample and method in adaptive_driver.PER_SAMPLE_METHODS and b:
         run.each()
         return run.finish()
     pending = [[i] for i in range(b)] if per_sample else ([list(range(b))] if b else [])
@@ -661,6 +582,7 @@ class _Run:
         self.delta = x.new_full((b,) if self.k is None else (b, self.k), float("nan"))
         self.status = ["aborted"] * b
         self.totals = {"solves": 0, "evaluations": 0, "accepted_steps": 0, "rejected_steps": 0}
+        self.per_sample = {"accepted": [0] * b, "rejected": [0] * b}
         self.nfe0 = model.nfe
 
     def finish(self) -> LikelihoodResult:
@@ -674,7 +596,7 @@ class _Run:
         self.totals["evaluations"] = self.problem.evaluations
         d = x[0].numel() if x.shape[0] else math.prod(x.shape[1:])
         n_products = self.problem.evaluations * (d if k is None else k)
-        st = {**self.stats, **self.totals, "products_count": n_products, "status_counts": _counts(self.status)}
+        st = {**self.stats, **self.totals, **self.per_sample, "products_count": n_products, "status_counts": _counts(self.status)}
         return LikelihoodResult(prior + dl, prior, dl, self.z, self.model.nfe - self.nfe0, tuple(self.status),
                                 se, st)
 
@@ -688,58 +610,73 @@ class _Run:
                       f"({kind}): {msg}; nfe={res.nfe}. Pass on_failure='record' to keep the other samples",
                       nfe=res.nfe, status=res.status, partial=res) from err
 
+    def _store(self, idx: list[int], sol: PerSampleSolution) -> None:
+        """Keep the successful samples of a solve of the samples ``idx``; count every sample's
+        steps (``stats["accepted"]``, ``["rejected"]``) and each solve's most
+        (``accepted_steps``, ``rejected_steps``: summed over the call's solves)."""
+        self.totals["accepted_steps"] += int(sol.accepted.max()) if idx else 0
+        self.totals["rejected_steps"] += int(sol.rejected.max()) if idx else 0
+        for r, i in enumerate(idx):
+            self.per_sample["accepted"][i] += int(sol.accepted[r])
+            self.per_sample["rejected"][i] += int(sol.rejected[r])
+        ok = sol.ok
+        sel = torch.tensor(idx, dtype=torch.long, device=self.x.device)[ok]
+        d = self.x[0].numel()
+        self.z[sel] = sol.y[ok, :d].reshape(-1, *self.x.shape[1:])
+        self.delta[sel] = sol.y[ok, d:].reshape(self.delta[sel].shape)
+        for i in sel.tolist():
+            self.status[i] = "success"
+
+    def _report(self, idx: list[int], sol: PerSampleSolution) -> None:
+        """Record (or raise) every failure of a solve of the samples ``idx``, most severe first."""
+        while (found := adaptive_driver.failure(sol, what="log_likelihood", max_steps=self.max_steps,
+                                                nfe=self.model.nfe - self.nfe0)) is not None:
+            kind, rows, msg = found
+            self.fail(kind, msg, [idx[r] for r in rows], None)
+            sol = _without(sol, rows)
+            idx = [i for r, i in enumerate(idx) if r not in set(rows)]
+
     def together(self, idx: list[int]) -> list[list[int]]:
-        """Solve the samples ``idx`` together; returns the sub-batches still to solve."""
+        """Solve the samples ``idx`` with one step for all; returns the sub-batches still to
+        solve: the others after a non-finite sample, halves after a shared failure (until the
+        failing samples are isolated)."""
         sel = torch.tensor(idx, dtype=torch.long, device=self.x.device)
         self.totals["solves"] += 1
-        try:
-            out = self.problem.solve(self.x[sel], None if self.V is None else self.V[:, sel])
-        except _NonFinite as err:            # the failing samples are known: drop them, retry the rest
-            bad = [idx[i] for i in err.samples]
-            self.fail("nonfinite", str(err), bad, err)
-            gone = set(bad)
-            rest = [i for i in idx if i not in gone]
+        sol = self.problem.solve(self.x[sel], None if self.V is None else self.V[:, sel], per_sample=False)
+        names = sol.status_names
+        if "nonfinite" in names:             # the failing samples are known: drop them, retry the rest
+            bad = [r for r, n in enumerate(names) if n == "nonfinite"]
+            self._report([idx[r] for r in bad], _only(sol, bad))
+            rest = [i for r, i in enumerate(idx) if r not in set(bad)]
             return [rest] if rest else []
-        except _Failed as err:               # a shared failure: split until the culprits are isolated
+        if names[0] != "success":           # max_steps / underflow, shared by the batch
             if len(idx) == 1 or self.on_failure == "raise":
-                self.fail(err.kind, str(err), idx, err)
+                self._report(idx, sol)
                 return []
             half = len(idx) // 2
             return [idx[:half], idx[half:]]
-        self.totals["accepted_steps"] += out.accepted
-        self.totals["rejected_steps"] += out.rejected
-        self.z[sel] = out.z
-        self.delta[sel] = out.delta
-        for i in idx:
-            self.status[i] = "success"
+        self._store(idx, sol)
         return []
 
     def each(self) -> None:
         """Every sample with its own step control, in one batched solve (dopri5)."""
-        x = self.x
-        self.totals["solves"] += x.shape[0]
-        out = self.problem.solve_each(x, self.V)
-        names = out.status_names
-        ok = out.status == 0
-        self.totals["accepted_steps"] += int(out.accepted.sum())
-        self.totals["rejected_steps"] += int(out.rejected.sum())
-        d_flat = x[0].numel()
-        self.z[ok] = out.y[ok, :d_flat].reshape(-1, *x.shape[1:])
-        self.delta[ok] = out.y[ok, d_flat:].reshape(self.delta[ok].shape)
-        for i, name in enumerate(names):
-            self.status[i] = name
-        for kind in STATUS_NAMES[1:][::-1]:            # nonfinite first, then underflow, max_steps
-            idx = [i for i, name in enumerate(names) if name == kind]
-            if idx:
-                where = ", ".join(f"{float(out.t[i]):.6g}" for i in idx[:5]) + (", ..." if len(idx) > 5 else "")
-                self.fail(kind, f"{_EACH_FAILURE[kind].format(max_steps=self.max_steps)}, at t={where}", idx, None)
+        idx = list(range(self.x.shape[0]))
+        self.totals["solves"] += len(idx)
+        sol = self.problem.solve(self.x, self.V, per_sample=True)
+        self._store(idx, sol)
+        self._report(idx, sol)
 
 
-_EACH_FAILURE = {
-    "max_steps": "max_steps={max_steps} step attempts reached by the sample's own step control",
-    "step_size_underflow": "step size underflow (the step no longer moves t)",
-    "nonfinite": "the probability-flow drift, its divergence or the state became non-finite",
-}
+def _only(sol: PerSampleSolution, rows: list[int]) -> PerSampleSolution:
+    """The rows ``rows`` of a solution (for reporting them)."""
+    r = torch.tensor(rows, dtype=torch.long, device=sol.status.device)
+    return PerSampleSolution(sol.y[r], sol.t[r], sol.status[r], sol.accepted[r], sol.rejected[r],
+                             sol.evaluations[r], sol.calls, None, None if sol.dt is None else sol.dt[r])
+
+
+def _without(sol: PerSampleSolution, rows: list[int]) -> PerSampleSolution:
+    gone = set(rows)
+    return _only(sol, [r for r in range(sol.status.numel()) if r not in gone])
 
 
 def _counts(status: Sequence[str]) -> dict:

@@ -24,12 +24,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from scoresde._checks import append_dims, check_float, check_int, sample_list
+from scoresde._checks import append_dims, check_float, check_int
 from scoresde.model import ScoreModel
 from scoresde.sde import SDE, LinearSDE
 
 from ._registry import register
-from .base import CheckedModel, NonFiniteError, Solution, Solver, SolverError, StepInfo, StepTable, _state_dtype
+from . import adaptive, adaptive_driver
+from .base import CheckedModel, NonFiniteError, Solution, Solver, StepInfo, StepTable, _state_dtype
 from .noise import BrownianNoise, NoiseSource
 from .ode import check_tolerances
 from .timesteps import TimeGrid
@@ -172,8 +173,17 @@ class Ancestral(Solver):
 
 
 # ----------------------------------------------------------------------------- adaptive
-_STATUS = ("running", "success", "dt_min_reached", "step_size_underflow", "max_steps_reached")
-_RUN, _DONE, _DTMIN, _UNDER, _MAXS = range(5)
+_RUN, _DONE, _DTMIN, _UNDER, _MAXS = range(5)      # the loop's per-sample codes
+# the loop's codes as the adaptive engines' (solvers.adaptive.STATUS_NAMES; -1: aborted):
+# a rejected step at dt_min is a step-size underflow
+_ENGINE_CODE = torch.tensor([-1, adaptive.SUCCESS, adaptive.UNDERFLOW, adaptive.UNDERFLOW, adaptive.MAX_STEPS])
+
+
+def _engine_solution(x: Tensor, t: Tensor, status: Tensor, n_acc: Tensor, n_rej: Tensor, h: Tensor,
+                     calls: int) -> adaptive.PerSampleSolution:
+    """``adaptive_sde``'s per-sample state as the engines' result, for :mod:`solvers.adaptive_driver`."""
+    codes = _ENGINE_CODE.to(status.device)[status]
+    return adaptive.PerSampleSolution(x, t, codes, n_acc, n_rej, 2 * (n_acc + n_rej), calls, None, h)
 
 
 class _BrownianMemory:
@@ -319,13 +329,14 @@ class AdaptiveSDE(Solver):
     in [-1, 1], the paper), ``h_init`` (default ``0.01 (t_start - t_end)``), ``h_max`` (default:
     the whole interval), ``safety`` :math:`\theta = 0.9`, ``exponent`` :math:`r = 0.9`,
     ``dt_min`` (default 1e-5: a rejected step of size ``dt_min`` fails the sample with status
-    ``"dt_min_reached"``, never a silent accept; 0 disables it, and then a step below 10 ulp
-    of t is ``"step_size_underflow"``), ``max_steps`` (loop iterations;
-    ``"max_steps_reached"``), ``on_failure``: ``"raise"`` (:class:`SolverError` carrying
+    ``"step_size_underflow"``, never a silent accept; 0 disables it, and then a step below 10
+    ulp of t is the same failure), ``max_steps`` (loop iterations, i.e. step attempts per
+    sample; ``"max_steps"``), ``on_failure``: ``"raise"`` (:class:`SolverError` carrying
     ``t_reached``, ``nfe``, ``last_dt``, the per-sample ``status`` and the ``partial``
     solution) or ``"return"`` (failed samples stop where they are, with a warning and
     ``sol.stats["status"]`` naming the failure).
 
+    Statuses, stats and errors are those of every adaptive solve (:mod:`solvers.adaptive_driver`).
     ``sol.stats``: ``status``, ``sample_status``, ``accepted`` and ``rejected`` (per-sample
     lists), ``iterations``, ``t_reached`` (per sample), ``rtol``, ``atol``.  Weak order 1."""
 
@@ -432,11 +443,9 @@ class AdaptiveSDE(Solver):
         red = tuple(range(1, x.ndim))
         n_el = max(1, x[0].numel())
 
-        def finish(final_status: str, message: str | None = None) -> Solution:
-            stats.update(
-                status=final_status, sample_status=[_STATUS[int(s)] for s in status.tolist()],
-                accepted=n_acc.tolist(), rejected=n_rej.tolist(), iterations=it, t_reached=t.tolist(),
-            )
+        def finish(message: str | None = None) -> Solution:
+            stats["iterations"] = it
+            adaptive_driver.record(stats, _engine_solution(x, t, status, n_acc, n_rej, h, 2 * it))
             if message is not None:
                 stats["message"] = message
             return Solution(x.to(x_T.dtype), model.nfe - nfe0, grid.t, None, stats)
@@ -510,19 +519,18 @@ class AdaptiveSDE(Solver):
             except NonFiniteError as err:
                 if nonfinite == "raise":
                     raise
-                return finish("nonfinite", str(err))
-        if worst >= _DTMIN:
-            name = _STATUS[worst]
-            bad = torch.nonzero(status >= _DTMIN).flatten().tolist()
-            last_dt = float(h[bad].min())
-            t_reached = float(t[bad].max())
-            msg = (f"adaptive_sde: {name.replace('_', ' ')} for {sample_list(bad)} "
-                   f"at t={t_reached:.6g} (t_end={t_end:.6g}); last dt={last_dt:.3g}, dt_min={dt_min:.3g}, "
-                   f"rtol={rtol:g}, atol={atol:g}, iterations={it}, nfe={model.nfe - nfe0}")
-            partial = finish(name, msg)
-            if self.on_failure == "raise":
-                raise SolverError(msg, t_reached=t_reached, nfe=model.nfe - nfe0, last_dt=last_dt,
-                                  status=partial.stats["sample_status"], partial=partial)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            return partial
-        return finish("success")
+                sol = finish(str(err))
+                sol.stats["status"] = "nonfinite"
+                return sol
+        found = adaptive_driver.failure(_engine_solution(x, t, status, n_acc, n_rej, h, 2 * it), what="adaptive_sde",
+                                        max_steps=self.max_steps, nfe=model.nfe - nfe0,
+                                        detail=f"t_end={t_end:.6g}, dt_min={dt_min:.3g}, rtol={rtol:g}, atol={atol:g}, "
+                                               f"iterations={it}")
+        if found is None:
+            return finish()
+        partial = finish(found[2])
+        if self.on_failure == "raise":
+            adaptive_driver.raise_failure(found[0], found[2], nfe=model.nfe - nfe0, partial=partial,
+                                          sol=_engine_solution(x, t, status, n_acc, n_rej, h, 2 * it))
+        warnings.warn(found[2], RuntimeWarning, stacklevel=3)
+        return partial

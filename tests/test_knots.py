@@ -3,7 +3,9 @@
 A DDPM schedule of N steps has log-linear alpha^2 between the knots k/N, so the drift of the
 probability-flow ODE jumps at every knot.  Without the knots an adaptive solver shrinks its step
 at each jump and its error stalls far above the tolerance; with them (torchdiffeq's ``jump_t``)
-each segment is smooth and one step per segment reaches the exact flow.
+each segment is smooth and one step per segment reaches the exact flow.  By default
+(``time_variable="auto"``) the adaptive solvers integrate such a schedule in half-log-SNR time
+instead, where the flow is smooth and no knot is needed: NFE within 2x of the continuous VP's.
 """
 from __future__ import annotations
 
@@ -63,10 +65,10 @@ def test_pf_ode_discrete_steps_onto_knots_and_matches_exact_flow():
     """DDPM's 1000-step schedule at rtol=atol=1e-8: one dopri5 step per segment (998 knots in
     (1/N, 1)), exact to rounding.  Without the knots the error stalls near 3e-4 with ~8e3 NFE."""
     sde, g, x = scoresde.make_sde("discrete"), gaussian(), x_T()
-    sol = solvers.sample(g.as_model(sde, "eps"), x, "pf_ode", rtol=1e-8, atol=1e-8)
+    sol = solvers.sample(g.as_model(sde, "eps"), x, "pf_ode", rtol=1e-8, atol=1e-8, time_variable="t")
     exact = g.flow(x, sde.T, sde.default_t_end, sde)
     assert float((sol.x - exact).abs().max()) < 1e-10
-    assert sol.stats["knots"] == 998
+    assert sol.stats["knots"] == 998 and sol.stats["time_variable"] == "t"
     segments = sol.stats["knots"] + 1
     assert sol.stats["accepted_steps"] >= segments
     # dopri5: 6 evaluations per step + 1 re-evaluation past each knot
@@ -75,7 +77,8 @@ def test_pf_ode_discrete_steps_onto_knots_and_matches_exact_flow():
 
 def test_pf_ode_uses_only_knots_inside_the_interval():
     sde, g, x = discrete(100), gaussian(), x_T()
-    sol = solvers.sample(g.as_model(sde, "eps"), x, "pf_ode", t_start=0.655, t_end=0.3, rtol=1e-8, atol=1e-8)
+    sol = solvers.sample(g.as_model(sde, "eps"), x, "pf_ode", t_start=0.655, t_end=0.3, rtol=1e-8, atol=1e-8,
+                         time_variable="t")
     assert sol.stats["knots"] == 35                      # 0.31, ..., 0.65
     assert float((sol.x - g.flow(x, 0.655, 0.3, sde)).abs().max()) < 1e-10
 
@@ -100,7 +103,7 @@ def test_log_likelihood_discrete_steps_onto_knots(monkeypatch):
     exact = g.marginal_log_prob(x0, t_end, sde) - g.marginal_log_prob(z, sde.T, sde)
 
     def run():
-        return solvers.log_likelihood(model, x0, rtol=1e-6, atol=1e-6, t_end=t_end)
+        return solvers.log_likelihood(model, x0, rtol=1e-6, atol=1e-6, t_end=t_end, time_variable="t")
 
     with_knots = run()
     monkeypatch.setattr(likelihood_module, "knots_inside", lambda *a: torch.empty(0))
@@ -108,3 +111,39 @@ def test_log_likelihood_discrete_steps_onto_knots(monkeypatch):
     assert float((with_knots.delta_log_prob - exact).abs().max()) < 1e-8
     assert float((without.delta_log_prob - exact).abs().max()) > 1e-5
     assert 2 * with_knots.stats["evaluations"] < without.stats["evaluations"]
+
+
+# ------------------------------------------------------------------ log-SNR time: the knots cost nothing
+@pytest.mark.parametrize("t_end", [1e-3, 1e-5])
+def test_pf_ode_discrete_in_log_snr_time_costs_within_2x_of_continuous_vp(t_end):
+    """DDPM's 1000-step schedule at rtol = atol = 1e-8, by default in half-log-SNR time: within
+    2x the NFE of the continuous VP (measured 222 vs 138 per sample at t_end = 1e-3), against
+    ~7000 stepping onto every knot in t, and within the tolerance of the exact flow."""
+    g, x = gaussian(), x_T(4)
+    out = {}
+    for name in ("discrete", "vp"):
+        sde = scoresde.make_sde(name)
+        sol = solvers.sample(g.as_model(sde, "eps"), x, "pf_ode", rtol=1e-8, atol=1e-8, t_end=t_end)
+        exact = g.flow(x, sde.T, t_end, sde)
+        assert float((sol.x - exact).abs().max()) < 1e-7, name
+        out[name] = sol
+    assert out["discrete"].stats["time_variable"] == "log_snr" and "knots" not in out["discrete"].stats
+    assert out["vp"].stats["time_variable"] == "t"
+    assert out["discrete"].nfe <= 2 * out["vp"].nfe
+
+
+def test_log_likelihood_discrete_in_log_snr_time():
+    """The augmented ODE in log-SNR time (d delta / d lambda = div(dx/d lambda)), 1000 knots,
+    rtol = atol = 1e-8: the change in log-density to 1e-7 of the closed form, NFE within 2x the
+    continuous VP's."""
+    g = gaussian()
+    x0 = g.sample(3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    evals = {}
+    for name in ("discrete", "vp"):
+        sde = scoresde.make_sde(name)
+        t_end = sde.default_t_end
+        exact = g.marginal_log_prob(x0, t_end, sde) - g.marginal_log_prob(g.flow(x0, t_end, sde.T, sde), sde.T, sde)
+        res = solvers.log_likelihood(g.as_model(sde, "eps"), x0, rtol=1e-8, atol=1e-8)
+        assert float((res.delta_log_prob - exact).abs().max()) < 1e-7, name
+        evals[name] = res.stats["evaluations"]
+    assert evals["discrete"] <= 2 * evals["vp"], evals

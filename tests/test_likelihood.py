@@ -255,7 +255,9 @@ def test_per_sample_is_batch_independent_and_shared_step_within_tolerance():
     alone = log_likelihood(model, x[2:3], per_sample=True)
     assert float((alone.log_prob - per.log_prob[2:3]).abs().max()) <= 1e-12
     assert per.stats["solves"] == 6
-    shared = log_likelihood(model, x)
+    default = log_likelihood(model, x)                 # dopri5: per-sample step control by default
+    assert torch.equal(default.log_prob, per.log_prob) and default.stats["per_sample"] is True
+    shared = log_likelihood(model, x, per_sample=False)
     assert shared.stats["solves"] == 1
     torch.testing.assert_close(shared.log_prob, per.log_prob, rtol=1e-4, atol=1e-4)   # measured 2.4e-7
 
@@ -426,11 +428,12 @@ def test_max_steps_failure_raises_with_per_sample_status():
         log_likelihood(model, x, max_steps=2)
     assert info.value.status == ("max_steps",) * 4
     assert isinstance(info.value.partial, LikelihoodResult)
-    res = log_likelihood(model, x, max_steps=2, on_failure="record")
-    assert res.status == ("max_steps",) * 4
-    assert not bool(res.ok.any())
-    assert bool(torch.isnan(res.log_prob).all())          # never a truncated integral
-    assert res.stats["solves"] == 7                       # 4 -> 2 + 2 -> 1 + 1 + 1 + 1
+    for per_sample, solves in ((True, 4), (False, 7)):   # shared step: 4 -> 2 + 2 -> 1 + 1 + 1 + 1
+        res = log_likelihood(model, x, max_steps=2, on_failure="record", per_sample=per_sample)
+        assert res.status == ("max_steps",) * 4
+        assert not bool(res.ok.any())
+        assert bool(torch.isnan(res.log_prob).all())      # never a truncated integral
+        assert res.stats["solves"] == solves
     assert res.nfe == res.stats["evaluations"] > 0       # the failed solves' calls are counted too
 
 

@@ -160,7 +160,8 @@ def test_caller_x_T_unchanged(method):
         strides = xv.stride()
         sol = solvers.sample(model, xv, method, 4, generator=gen(1), return_trajectory=True)
         assert torch.equal(xv, before) and xv.stride() == strides, kind
-        ref = solvers.sample(model, xv.contiguous(), method, 4, generator=gen(1)).x
+        # pf_ode lands on the trajectory's times, which changes its steps: compare like with like
+        ref = solvers.sample(model, xv.contiguous(), method, 4, generator=gen(1), return_trajectory=True).x
         assert torch.equal(sol.x, ref), kind
         assert torch.equal(sol.trajectory[0], before), kind
         sol.trajectory[0].add_(1.0)         # the trajectory never aliases the caller's tensor
@@ -223,8 +224,12 @@ def test_pf_ode_trajectory_and_callback():
     sol = solvers.sample(model, x, "pf_ode", 4, return_trajectory=True, callback=seen.append)
     assert sol.trajectory.shape == (5, *x.shape)
     assert torch.equal(sol.trajectory[0], x) and torch.equal(sol.trajectory[-1], sol.x)
-    assert len(seen) == sol.stats["accepted_steps"] > 0
+    # per-sample steps: one call per round of attempts (at least the most accepted steps), then t_end
+    assert len(seen) >= sol.stats["accepted_steps"] > 0
     assert seen[-1].t == sol.timesteps[-1].item() and torch.equal(seen[-1].x, sol.x)
+    shared = []
+    one = solvers.sample(model, x, "pf_ode", 4, per_sample=False, callback=shared.append)
+    assert len(shared) == one.stats["accepted_steps"] > 0 and shared[-1].t == sol.timesteps[-1].item()
     ts = [s.t for s in seen]
     assert ts == sorted(ts, reverse=True)
     # the trajectory's grid points lie on the exact flow (within the tolerance)
@@ -563,11 +568,12 @@ def test_pf_ode_rtol_below_floor_warns_and_clamps():
 
 def test_pf_ode_max_steps_reached():
     model, _, x = problem()
-    with pytest.raises(solvers.SolverError, match=r"max_steps reached \(max_steps=4\) at t=") as info:
-        solvers.sample(model, x, "pf_ode", rtol=1e-10, atol=1e-10, max_steps=4)
-    err = info.value
-    assert 0 < err.t_reached <= model.sde.T and err.nfe == model.nfe > 0 and err.last_dt > 0
-    assert err.status == "max_steps reached"
+    for per_sample in (True, False):
+        with pytest.raises(solvers.SolverError, match=r"max_steps=4 step attempts reached, at t=") as info:
+            solvers.sample(model, x, "pf_ode", rtol=1e-10, atol=1e-10, max_steps=4, per_sample=per_sample)
+        err = info.value
+        assert 0 < err.t_reached <= model.sde.T and err.nfe > 0 and err.last_dt > 0
+        assert err.status == ["max_steps"] * x.shape[0] and err.partial.stats["status"] == "max_steps"
     # the limit counts the whole solve, not each output interval
     with pytest.raises(solvers.SolverError):
         solvers.sample(model, x, "pf_ode", 50, rtol=1e-10, atol=1e-10, max_steps=20, return_trajectory=True)

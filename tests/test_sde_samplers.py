@@ -501,16 +501,16 @@ def test_adaptive_sde_stays_inside_the_interval():
 def test_adaptive_sde_max_steps():
     sde, model, pT, ex = setup("vp")
     x_T = pT.sample(4, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(solvers.SolverError, match="max steps reached") as info:
+    with pytest.raises(solvers.SolverError, match="max_steps=3 step attempts reached") as info:
         solvers.sample(model, x_T, "adaptive_sde", max_steps=3, generator=torch.Generator().manual_seed(1))
     err = info.value
     assert err.nfe == 6 and model.nfe == 6
     assert sde.default_t_end < err.t_reached <= sde.T
-    assert err.status == ["max_steps_reached"] * 4 and err.partial is not None
-    with pytest.warns(RuntimeWarning, match="max steps"):
+    assert err.status == ["max_steps"] * 4 and err.partial is not None
+    with pytest.warns(RuntimeWarning, match="max_steps"):
         sol = solvers.sample(model, x_T, "adaptive_sde", max_steps=3, on_failure="return",
                              generator=torch.Generator().manual_seed(1))
-    assert sol.stats["status"] == "max_steps_reached" and sol.nfe == 6
+    assert sol.stats["status"] == "max_steps" and sol.nfe == 6
     assert torch.isfinite(sol.x).all()
 
 
@@ -518,14 +518,14 @@ def test_adaptive_sde_dt_min_is_a_failure_not_a_silent_accept():
     sde, model, pT, ex = setup("vp")
     x_T = pT.sample(4, generator=torch.Generator().manual_seed(0))
     opts = dict(rtol=1e-10, atol=1e-10, dt_min=0.01, h_init=0.01)
-    with pytest.raises(solvers.SolverError, match="dt min reached") as info:
+    with pytest.raises(solvers.SolverError, match=r"step size underflow .* below dt_min") as info:
         solvers.sample(model, x_T, "adaptive_sde", generator=torch.Generator().manual_seed(1), **opts)
-    assert "dt_min_reached" in info.value.status and info.value.last_dt <= 0.01
+    assert "step_size_underflow" in info.value.status and info.value.last_dt <= 0.01
     with pytest.warns(RuntimeWarning):
         sol = solvers.sample(model, x_T, "adaptive_sde", on_failure="return",
                              generator=torch.Generator().manual_seed(1), **opts)
-    assert sol.stats["status"] == "dt_min_reached"
-    assert set(sol.stats["sample_status"]) == {"dt_min_reached"}
+    assert sol.stats["status"] == "step_size_underflow"
+    assert set(sol.stats["sample_status"]) == {"step_size_underflow"}
 
 
 def test_adaptive_sde_final_denoise_and_trivial_calls():
