@@ -43,19 +43,16 @@ estimator's (the same probes in every engine), so the column ``|vs lib|`` gives 
 difference from the library's shared-step result instead.  ``batch dependence``: a per-sample
 engine's largest difference between a point solved alone and the same point inside the batch.
 
-Measured (shared, loaded 2-core CPU, one thread, N = 2000; timings vary by up to 2-3x between
-runs on this machine, ratios within one run less so): every per-sample engine is
-batch-independent to 1e-12 nats and 9-30x more accurate than the shared step at the same
-tolerance (max error 1.2e-3 vs 1.4e-2 nats at d = 2, 3.2e-3 vs 9.5e-2 at d = 16, 1.6e-2 vs
+Measured (N = 2000, loaded 2-core CPU, one thread; timings vary by up to 2-3x between runs on
+this machine, ratios within one run less so): the library's per-sample engine (``lib
+per_sample``) takes 0.0017 / 0.0021 / 0.012 / 0.0058 / 0.073 / 0.015 of the one-at-a-time time
+and 0.63 / 0.87 / 0.71 / 0.90 / 0.86 / 0.91 of the shared step's (d = 2, 16, 64; exact then
+Hutchinson each), torchode 0.96-1.75x the shared step; every per-sample engine is
+batch-independent to 2.6e-13 nats and 9-30x more accurate than the shared step at the same
+tolerance (max error 2.3e-3 vs 1.4e-2 nats at d = 2, 1.8e-3 vs 9.5e-2 at d = 16, 7.8e-3 vs
 1.5e-1 at d = 64, exact trace), because the shared step's error norm is an RMS over the batch.
-torchode: 0.6-1.6x the shared-step time, 0.002-0.03x one-at-a-time (0.10x for d = 64 exact,
-where the batched trace is compute bound: the shared step gets only 0.08x there); a vectorised
-prototype of the engine: 0.3-1.3x (mostly ~0.7x) the shared step, ~40% fewer sample evaluations
-than torchode.  The library engine (``--points 200``, same machine, torchode not installed):
-0.79-1.15x the shared step's time, 0.009-0.08x one-at-a-time (0.08x at d = 64 exact), 80-95
-sample evaluations per point (one at a time: 70-89; shared step: 92-116), max error 1.1e-3 /
-1.5e-3 / 6.7e-3 nats at d = 2 / 16 / 64 exact (shared step 5.1e-3 / 6.0e-2 / 1.1e-1), batch
-dependence <= 5.5e-13 nats; ``lib per_sample`` runs the same engine and matches it.
+The 1/20 target against one at a time is missed only at d = 64 with the exact trace (0.073),
+where the 64 products per evaluation make the solve compute-bound (the shared step: 0.085).
 
 Run:  python benchmarks/adaptive_engines.py [--points 2000] [--dims 2 16 64] [--loop-points 40] [--repeats 1]
 [--no-engine]  (torchode 1.0.1 requires ``torchtyping``, itself pinning ``typeguard<3``; install it if missing.)

@@ -21,6 +21,8 @@ from .calibrate import CalibratedGrid, calibrate_many, calibrate_timesteps
 from .ays import OptimizedGrid, optimize_timesteps
 from .ems import EMS, ems_statistics
 from . import auto  # noqa: F401  (method="auto": solvers.auto.RULE)
+from . import churn, ancestral_split  # noqa: F401  (edm_sde; euler_ancestral, dpmpp_2s_ancestral, dpmpp_sde)
+from . import sa_solver, er_sde, restart  # noqa: F401  (sa_solver, er_sde, restart)
 
 __all__ = [
     "sample", "available_methods", "get", "register", "Solution", "Solver", "SolverError",
