@@ -119,8 +119,9 @@ class StepTable:
     # -- UniPC corrector: weight of the new data prediction, and the corrector's order
     corr_f: list[float | None] | None = None
     corr_orders: list[int] | None = None
-    # -- singlestep DPM-Solver: one exponential.SinglestepStage (stage times, named
-    #    coefficients) per outer step
+    # -- one record of precomputed coefficients per outer step, of the method's own type:
+    #    singlestep DPM-Solver (exponential.SinglestepStage), edm_sde (churn.ChurnStep), the
+    #    ancestral splits, sa_solver, er_sde and restart (see each method's prepare)
     stages: list[Any] | None = None
     # -- Langevin correctors (pc)
     corr_step_scale: Tensor | None = None

@@ -582,7 +582,7 @@ class _Run:
         self.delta = x.new_full((b,) if self.k is None else (b, self.k), float("nan"))
         self.status = ["aborted"] * b
         self.totals = {"solves": 0, "evaluations": 0, "accepted_steps": 0, "rejected_steps": 0}
-        self.per_sample = {"accepted": [0] * b, "rejected": [0] * b}
+        self.per_sample = {"accepted": [0] * b, "rejected": [0] * b, "evaluations_per_sample": [0] * b}
         self.nfe0 = model.nfe
 
     def finish(self) -> LikelihoodResult:
@@ -596,7 +596,8 @@ class _Run:
         self.totals["evaluations"] = self.problem.evaluations
         d = x[0].numel() if x.shape[0] else math.prod(x.shape[1:])
         n_products = self.problem.evaluations * (d if k is None else k)
-        st = {**self.stats, **self.totals, **self.per_sample, "products_count": n_products, "status_counts": _counts(self.status)}
+        st = {**self.stats, **self.totals, **self.per_sample, "products_count": n_products,
+              "status_counts": _counts(self.status)}
         return LikelihoodResult(prior + dl, prior, dl, self.z, self.model.nfe - self.nfe0, tuple(self.status),
                                 se, st)
 
@@ -610,15 +611,20 @@ class _Run:
                       f"({kind}): {msg}; nfe={res.nfe}. Pass on_failure='record' to keep the other samples",
                       nfe=res.nfe, status=res.status, partial=res) from err
 
-    def _store(self, idx: list[int], sol: PerSampleSolution) -> None:
-        """Keep the successful samples of a solve of the samples ``idx``; count every sample's
-        steps (``stats["accepted"]``, ``["rejected"]``) and each solve's most
+    def _count(self, idx: list[int], sol: PerSampleSolution) -> None:
+        """Count a solve of the samples ``idx``: every sample's steps and network evaluations
+        (``stats["accepted"]``, ``["rejected"]``, ``["evaluations_per_sample"]``: rows of network
+        calls that held the sample, over all its solves) and each solve's most steps
         (``accepted_steps``, ``rejected_steps``: summed over the call's solves)."""
         self.totals["accepted_steps"] += int(sol.accepted.max()) if idx else 0
         self.totals["rejected_steps"] += int(sol.rejected.max()) if idx else 0
         for r, i in enumerate(idx):
             self.per_sample["accepted"][i] += int(sol.accepted[r])
             self.per_sample["rejected"][i] += int(sol.rejected[r])
+            self.per_sample["evaluations_per_sample"][i] += int(sol.evaluations[r])
+
+    def _store(self, idx: list[int], sol: PerSampleSolution) -> None:
+        """Keep the successful samples of a solve of the samples ``idx``."""
         ok = sol.ok
         sel = torch.tensor(idx, dtype=torch.long, device=self.x.device)[ok]
         d = self.x[0].numel()
@@ -643,6 +649,7 @@ class _Run:
         sel = torch.tensor(idx, dtype=torch.long, device=self.x.device)
         self.totals["solves"] += 1
         sol = self.problem.solve(self.x[sel], None if self.V is None else self.V[:, sel], per_sample=False)
+        self._count(idx, sol)
         names = sol.status_names
         if "nonfinite" in names:             # the failing samples are known: drop them, retry the rest
             bad = [r for r, n in enumerate(names) if n == "nonfinite"]
@@ -663,6 +670,7 @@ class _Run:
         idx = list(range(self.x.shape[0]))
         self.totals["solves"] += len(idx)
         sol = self.problem.solve(self.x, self.V, per_sample=True)
+        self._count(idx, sol)
         self._store(idx, sol)
         self._report(idx, sol)
 

@@ -135,3 +135,18 @@ def test_no_exception_text_is_parsed():
         src = inspect.getsource(mod)
         for pattern in ("in msg", "in str(err)", "in str(e)", "underflow\" in", "AssertionError"):
             assert pattern not in src, (mod.__name__, pattern)
+
+
+def test_likelihood_counts_each_samples_network_rows():
+    """``stats["evaluations_per_sample"]``: the rows of network calls that held each sample, in
+    the per-sample solve and in the shared one; they add up to what the network saw."""
+    x0 = TARGET.sample(5, generator=torch.Generator().manual_seed(4), dtype=F64)
+    for per_sample in (True, False):
+        net = Counted()
+        res = solvers.log_likelihood(model_of(net), x0, per_sample=per_sample)
+        rows = res.stats["evaluations_per_sample"]
+        assert sum(rows) == sum(net.rows) and res.nfe == net.calls
+        if per_sample:
+            assert rows == [2 + 6 * (a + r) for a, r in zip(res.stats["accepted"], res.stats["rejected"])]
+        else:
+            assert rows == [net.calls] * 5

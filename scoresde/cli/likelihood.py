@@ -1,5 +1,8 @@
 """``scoresde likelihood``: log-likelihood and bits per dimension over a data set, sharded and
-resumable."""
+resumable.  Adaptive (``dopri5``, the default): ``--batch-size`` points per
+``solvers.log_likelihood(..., per_sample=True)`` call, every point with its own step control, so
+a point's value does not depend on its batch-mates; fixed grid (``--ode-steps``): one grid for
+the batch."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +20,26 @@ from .common import _dtype, _load_model
 from .engine import RunOptions, _execute, _finalize_blocks, _Job
 
 
+def exact_trace_chunk(dims: int, micro_batch: int) -> int:
+    """Basis vectors per batched vector-Jacobian product of the exact trace, fixed by ``dims``
+    and ``--micro-batch`` alone: with every network call ``micro_batch`` rows and this chunk, the
+    backward passes have the same shapes whatever the batch, so a unit's bits do not depend on
+    it (the library's default chunk depends on the batch size).  At most 2048 rows and 2**23
+    elements per micro-batch of cotangents."""
+    return max(1, min(dims, 2048 // micro_batch, 2 ** 23 // (micro_batch * dims)))
+
+
+def _point_nfe(res, n: int) -> list[int]:
+    """Network evaluations per data point: the library's per-sample count where it reports one
+    (``stats["evaluations_per_sample"]``), else the solve's network calls (with batched
+    per-sample step control an upper bound on each point's own; a fixed grid: exactly each
+    point's; one unit per solve: exactly its own)."""
+    per = res.stats.get("evaluations_per_sample")
+    if per is not None:
+        return [int(k) for k in per]
+    return [int(res.nfe)] * n
+
+
 class _LikelihoodJob(_Job):
     kind, ext = "likelihood", "jsonl"
     outputs = ("likelihood.jsonl",)
@@ -32,7 +55,10 @@ class _LikelihoodJob(_Job):
         self.dims = int(math.prod(x.shape[1:]))
         a = self.args
         self.trace = a.trace or ("exact" if self.dims <= 256 else "hutchinson")
-        self.per_unit = a.ode_steps is None          # adaptive: each unit solved alone (batch-independent)
+        self.per_sample = a.ode_steps is None        # adaptive: every unit its own step control
+        # per_sample with another method than dopri5 is one solve per unit inside the library
+        self.units_per_call = 1 if self.per_sample and a.method != "dopri5" else a.batch_size
+        self.chunk = exact_trace_chunk(self.dims, a.micro_batch) if self.trace == "exact" else None
 
     def _bpd(self, lp: float) -> float:
         a = self.args
@@ -49,25 +75,25 @@ class _LikelihoodJob(_Job):
         gens = [torch.Generator(device="cpu").manual_seed(_runs.unit_seed(self.seed, i)) for i in ids]
         xb = self.x[ids[0]:ids[-1] + 1].to(self.device)
         kw = dict(method=a.method, rtol=a.rtol, atol=a.atol, t_end=a.t_end, on_failure="record",
-                  max_steps=a.max_steps)
+                  max_steps=a.max_steps, per_sample=self.per_sample)
         if self.trace == "hutchinson":
             kw.update(probes=a.probes, generator=gens)
+        else:
+            kw.update(chunk_size=self.chunk, allow_expensive=self.dims > 256)
         if a.ode_steps is not None:
             kw["steps"] = a.ode_steps
-        if self.trace == "exact" and self.dims > 256:
-            kw["allow_expensive"] = True
         res = self.solvers.log_likelihood(self.model, xb, self.trace, **kw)
-        return res.log_prob.detach().cpu().double().tolist(), res.nfe, list(res.status)
+        return res.log_prob.detach().cpu().double().tolist(), _point_nfe(res, len(ids)), list(res.status)
 
     def compute(self, first: int, last: int):
         a = self.args
         ids = list(range(first, last + 1))
-        step = 1 if self.per_unit else a.batch_size
+        step = self.units_per_call
         lines, nfe, status = [], [], []
         for s in range(0, len(ids), step):
             chunk = ids[s:s + step]
-            lps, k, st = self._solve(chunk)
-            for i, lp, stt in zip(chunk, lps, st):
+            lps, ks, st = self._solve(chunk)
+            for i, lp, k, stt in zip(chunk, lps, ks, st):
                 ok = stt == "success" and math.isfinite(lp)
                 if stt == "success" and not ok:
                     stt = "nonfinite"
@@ -163,6 +189,7 @@ def cmd_likelihood(args: argparse.Namespace, argv: Sequence[str], prog: str) -> 
                   "data_seed": args.data_seed if is_toy(args.data) or job.digits else None,
                   "data_sha256": data_sha, "trace": job.trace, "probes": args.probes if job.trace == "hutchinson" else None,
                   "method": args.method, "rtol": args.rtol, "atol": args.atol, "ode_steps": args.ode_steps,
+                  "per_sample": job.per_sample, "chunk_size": job.chunk,
                   "t_end": args.t_end, "max_steps": args.max_steps, "seed": job.seed, "block_size": args.block_size,
                   "micro_batch": args.micro_batch, "dtype": args.dtype, "device": job.device.type,
                   "data_range": args.data_range, "dequantization": args.dequantization, "bits": args.bits,

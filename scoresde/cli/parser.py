@@ -152,11 +152,14 @@ def _add_likelihood_parser(sub) -> None:
     lk.add_argument("--trace", choices=("exact", "hutchinson"), default=None,
                     help="divergence estimator (default: exact up to 256 dimensions)")
     lk.add_argument("--probes", type=int, default=1)
-    lk.add_argument("--method", default="dopri5")
+    lk.add_argument("--method", default="dopri5",
+                    help="a torchdiffeq method: dopri5 (default: every point its own adaptive steps, --batch-size "
+                         "points per solve), another adaptive one (one point per solve), or a fixed-step one "
+                         "(rk4, euler, ...) with --ode-steps")
     lk.add_argument("--rtol", type=float, default=None, help="default 1e-5 (float32: 100 eps)")
     lk.add_argument("--atol", type=float, default=1e-5)
     lk.add_argument("--ode-steps", type=int, default=None,
-                    help="fixed-step methods (rk4, ...): steps; then units are batched")
+                    help="steps of a fixed-step --method (rk4, ...): one uniform grid for every point")
     lk.add_argument("--max-steps", type=int, default=10_000)
     lk.add_argument("--data-range", type=float, nargs=2, default=None, metavar=("A", "B"))
     lk.add_argument("--dequantization", choices=("uniform", "none"), default=None)
