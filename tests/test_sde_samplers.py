@@ -334,7 +334,7 @@ def test_pc_langevin_beats_its_predictor(name):
         return float((x.var(0) - var).norm() / d ** 0.5) + float((x.mean(0) - ex.mean).norm() / d ** 0.5)
 
     e_pred = err(solvers.sample(model, x_T, "reverse_diffusion", 20, generator=torch.Generator().manual_seed(2)).x)
-    sol = solvers.sample(model, x_T, "pc", 20, generator=torch.Generator().manual_seed(2))
+    sol = solvers.sample(model, x_T, "pc", 20, corrector="langevin", generator=torch.Generator().manual_seed(2))
     e_pc = err(sol.x)
     assert sol.nfe == 40
     assert e_pc < 0.92 * e_pred, (e_pc, e_pred)
@@ -709,10 +709,12 @@ def test_general_sde_pc_langevin_and_refusals():
     """pc with the Langevin corrector works on a general SDE (alpha factor 1); the methods that
     need alpha/sigma refuse it before any NFE."""
     general, linear, x_T = _general_and_twin()
-    sol = solvers.sample(general, x_T, "pc", 6, predictor="euler_maruyama", generator=torch.Generator().manual_seed(1))
+    sol = solvers.sample(general, x_T, "pc", 6, predictor="euler_maruyama", corrector="langevin",
+                         generator=torch.Generator().manual_seed(1))
     assert sol.nfe == 12 and torch.isfinite(sol.x).all()
     n0 = general.nfe
     for method, opts in [("reverse_diffusion", {}), ("ancestral", {}), ("pc", {}),
+                         ("pc", {"predictor": "euler_maruyama"}),
                          ("pc", {"predictor": "euler_maruyama", "corrector": "annealed_langevin"})]:
         with pytest.raises(TypeError, match="LinearSDE"):
             solvers.sample(general, x_T, method, 4, generator=torch.Generator(), **opts)
