@@ -56,6 +56,7 @@ from ._registry import register
 from .base import CheckedModel, Solver, StepTable
 from .exponential import _need_finite_lam
 from .noise import NoiseSource
+from .ode import Heun
 from .timesteps import TimeGrid
 
 __all__ = ["EDMStochastic", "ChurnStep", "churn_gammas"]
@@ -128,13 +129,10 @@ class EDMStochastic(Solver):
         self.stochastic = self.S_churn > 0.0
 
     def expected_nfe(self, steps: int) -> int:
-        return 2 * steps - (1 if self.last_step_euler else 0)
+        return Heun.expected_nfe(self, steps)              # Heun's steps: 2 per step, Euler last
 
     def stats(self, table: StepTable) -> dict:
-        orders = [2] * table.steps
-        if self.last_step_euler and orders:
-            orders[-1] = 1
-        return {"orders": orders, "churn": [c.gamma for c in table.stages]}
+        return {**Heun.stats(self, table), "churn": [c.gamma for c in table.stages]}
 
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
         tab = super().prepare(sde, grid, like)

@@ -128,7 +128,17 @@ class BatchMeanLangevin(LangevinCorrector):
         return x + step * score + torch.sqrt(2.0 * step) * z
 
 
-class AnnealedLangevin(Corrector):
+class _PrecomputedLangevin(Corrector):
+    """A Langevin step whose size is the same for every sample, precomputed in ``prepare``
+    (``tab.corr_step`` and ``tab.corr_noise = sqrt(2 corr_step)``)."""
+
+    def correct(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, noise: NoiseSource) -> Tensor:
+        score = model.evaluate(x, tab.t64[i]).score
+        z = noise(i, tab.t[i], tab.t[i + 1], x)
+        return x + tab.corr_step[i] * score + tab.corr_noise[i] * z
+
+
+class AnnealedLangevin(_PrecomputedLangevin):
     r"""score_sde's ``AnnealedLangevinDynamics`` (Song & Ermon 2019): the step size follows the
     noise level, :math:`\epsilon_i = 2a_i(\text{snr}\,\sigma_i)^2`, the same for every sample
     (precomputed).  1 NFE per corrector step."""
@@ -144,13 +154,9 @@ class AnnealedLangevin(Corrector):
         tab.corr_step = eps.to(dtype=like.dtype, device=like.device)
         tab.corr_noise = torch.sqrt(2.0 * eps).to(dtype=like.dtype, device=like.device)
 
-    def correct(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, noise: NoiseSource) -> Tensor:
-        score = model.evaluate(x, tab.t64[i]).score
-        z = noise(i, tab.t[i], tab.t[i + 1], x)
-        return x + tab.corr_step[i] * score + tab.corr_noise[i] * z
 
 
-class PacedLangevin(Corrector):
+class PacedLangevin(_PrecomputedLangevin):
     r"""Langevin steps paced by the predictor: the corrector at :math:`t_i` runs Langevin time
 
     .. math:: \epsilon_i = \sigma_i^2\,\big(1 - e^{-2c\,h_i}\big), \qquad
@@ -185,10 +191,6 @@ class PacedLangevin(Corrector):
         tab.corr_step = eps.to(dtype=like.dtype, device=like.device)
         tab.corr_noise = torch.sqrt(2.0 * eps).to(dtype=like.dtype, device=like.device)
 
-    def correct(self, model: CheckedModel, i: int, x: Tensor, tab: StepTable, noise: NoiseSource) -> Tensor:
-        score = model.evaluate(x, tab.t64[i]).score
-        z = noise(i, tab.t[i], tab.t[i + 1], x)
-        return x + tab.corr_step[i] * score + tab.corr_noise[i] * z
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(pace={self.pace})"

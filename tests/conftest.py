@@ -58,3 +58,14 @@ def interior_times(sde: scoresde.LinearSDE, n: int, dtype=torch.float64) -> torc
         k = torch.floor(t * N).clamp(0, N - 1)
         t = (k + 0.37) / N                      # strictly inside segment k
     return t.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def kd():
+    """k_diffusion.sampling (k-diffusion installed with --no-deps: its package __init__ is not
+    run); the test is skipped where k-diffusion is not installed."""
+    from scoresde.integrations import kdiffusion as sd_kdiffusion
+    try:
+        return sd_kdiffusion.load_sampling()
+    except ImportError as err:
+        pytest.skip(str(err))

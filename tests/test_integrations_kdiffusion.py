@@ -17,15 +17,6 @@ F64 = torch.float64
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-@pytest.fixture(scope="module")
-def kd():
-    """k_diffusion.sampling (k-diffusion installed with --no-deps: its package __init__ is not run)."""
-    try:
-        return sd_kdiffusion.load_sampling()
-    except ImportError as err:
-        pytest.skip(str(err))
-
-
 class CountingDenoiser:
     """D(x, sigma) = E[x0 | x] of the mixture under x = x0 + sigma eps, counting its calls."""
 

@@ -26,14 +26,6 @@ B, D = 6, 2
 REPRO_TOL = 1e-12
 
 
-@pytest.fixture(scope="module")
-def kd():
-    try:
-        return sd_kdiffusion.load_sampling()
-    except ImportError as err:
-        pytest.skip(str(err))
-
-
 # ------------------------------------------------------------------ noise shared by both sides
 class ListNoise:
     """The n-th call returns the n-th pre-drawn normal, whoever calls (k-diffusion's
