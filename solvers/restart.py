@@ -84,9 +84,11 @@ class Restart(Solver):
 
     Options: the restart interval ``restart_t_min < restart_t_max`` (t units) or
     ``restart_sigma_min < restart_sigma_max`` (:math:`\hat\sigma = \sigma/\alpha`), not both;
-    ``restart_K`` >= 0 restarts (0: plain Heun); ``restart_steps`` >= 1 Heun steps per restart.
-    ``steps`` is the main grid; ``nfe = 2 steps + 2 restart_K restart_steps``.  Order 2 (Heun);
-    measured weak order 2.1 on a Gaussian with ``restart_steps = steps/2``."""
+    ``restart_K`` >= 0 restarts (0: plain Heun); ``restart_steps`` >= 1 Heun steps per restart
+    (default None: ``max(2, steps // 4)``, so that the restart's own error shrinks with the main
+    grid's; a fixed number leaves a floor: with 4, the Gaussian's KL stalls near 0.008-0.01 from
+    50 to 200 NFE).  ``steps`` is the main grid; ``nfe = 2 steps + 2 restart_K restart_steps``.
+    Order 2 (Heun); measured weak order 2.1 on a Gaussian with ``restart_steps = steps/2``."""
 
     order: ClassVar[int] = 2
     stochastic: ClassVar[bool] = True
@@ -96,11 +98,13 @@ class Restart(Solver):
     restart_sigma_min: float | None = None
     restart_sigma_max: float | None = None
     restart_K: int = 1
-    restart_steps: int = 4
+    restart_steps: int | None = None
 
     def validate_options(self) -> None:
         for name in ("restart_K", "restart_steps"):
             v, low = getattr(self, name), (0 if name == "restart_K" else 1)
+            if name == "restart_steps" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
         for lo_name, hi_name in (("restart_t_min", "restart_t_max"), ("restart_sigma_min", "restart_sigma_max")):
@@ -117,8 +121,12 @@ class Restart(Solver):
             raise ValueError("pass the restart interval in t (restart_t_min/max) or in sigma "
                              "(restart_sigma_min/max), not both")
 
+    def inner_steps(self, steps: int) -> int:
+        """Heun steps per restart on a main grid of ``steps``."""
+        return max(2, steps // 4) if self.restart_steps is None else self.restart_steps
+
     def expected_nfe(self, steps: int) -> int:
-        return 2 * steps + 2 * self.restart_K * self.restart_steps
+        return 2 * steps + 2 * self.restart_K * self.inner_steps(steps)
 
     def _interval(self, sde: LinearSDE, grid: TimeGrid) -> tuple[float, float]:
         """(t_min, t_max) of the restart interval, checked against the grid."""
@@ -157,7 +165,7 @@ class Restart(Solver):
         if not t_min < t_max:
             raise ValueError(f"restart_t_min snaps to the grid point t={t_min:.6g}, not below restart_t_max="
                              f"{t_max:.6g}; widen the interval or refine the grid")
-        t = make_grid(sde, self.restart_steps, "karras", t_end=t_min, t_start=t_max).t.clone()
+        t = make_grid(sde, self.inner_steps(grid.steps), "karras", t_end=t_min, t_start=t_max).t.clone()
         t[0], t[-1] = t_max, t_min
         c = sde.coefficients(t)
         lam = 0.5 * c["log_snr"]
@@ -194,5 +202,5 @@ class Restart(Solver):
     def stats(self, table: StepTable) -> dict:
         plans = [p for p in (table.stages or []) if p is not None]
         restart = ({"index": plans[0].index, "t_min": plans[0].t_min, "t_max": plans[0].t_max,
-                    "K": plans[0].K, "steps": self.restart_steps} if plans else None)
+                    "K": plans[0].K, "steps": self.inner_steps(table.steps)} if plans else None)
         return {"orders": [2] * table.steps, "restart": restart}

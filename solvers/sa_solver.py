@@ -89,6 +89,7 @@ class SASolver(Solver):
 
     order: ClassVar[int] = 3
     stochastic: ClassVar[bool] = True
+    default_schedule: ClassVar[str] = "log_snr"    # uniform in t measured 10-1000x worse on VP
     predictor_order: int = 3
     corrector_order: int = 4
     tau: float = 1.0

@@ -104,8 +104,9 @@ def test_sa_solver_first_order_is_ancestral(name):
     sde, model, pT, _ = setup(name)
     x = pT.sample(4, generator=torch.Generator().manual_seed(0))
     z = _draws(9, 4)
-    a = solvers.sample(model, x, "sa_solver", 9, generator=FixedNoise(z), predictor_order=1, corrector_order=0).x
-    b = solvers.sample(model, x, "ancestral", 9, generator=FixedNoise(z)).x
+    a = solvers.sample(model, x, "sa_solver", 9, generator=FixedNoise(z), predictor_order=1, corrector_order=0,
+                       schedule="uniform").x
+    b = solvers.sample(model, x, "ancestral", 9, generator=FixedNoise(z), schedule="uniform").x
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -163,11 +164,13 @@ def test_er_sde_first_order_reductions(name):
     sde, model, pT, _ = setup(name)
     x = pT.sample(4, generator=torch.Generator().manual_seed(0))
     z = _draws(9, 4)
-    a = solvers.sample(model, x, "er_sde", 9, generator=FixedNoise(z), order=1, noise_scale="ode").x
+    a = solvers.sample(model, x, "er_sde", 9, generator=FixedNoise(z), order=1, noise_scale="ode",
+                       schedule="uniform").x
     torch.testing.assert_close(a, solvers.sample(model, x, "ddim", 9).x, rtol=1e-12, atol=1e-12)
-    b = solvers.sample(model, x, "er_sde", 9, generator=FixedNoise(z), order=1, noise_scale="sde").x
-    torch.testing.assert_close(b, solvers.sample(model, x, "ancestral", 9, generator=FixedNoise(z)).x,
-                               rtol=1e-12, atol=1e-12)
+    b = solvers.sample(model, x, "er_sde", 9, generator=FixedNoise(z), order=1, noise_scale="sde",
+                       schedule="uniform").x
+    torch.testing.assert_close(b, solvers.sample(model, x, "ancestral", 9, generator=FixedNoise(z),
+                                                 schedule="uniform").x, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------ restart vs Algorithm 1

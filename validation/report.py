@@ -635,6 +635,7 @@ def write(results: dict, store: dict, problems, out: Path) -> None:
     add("stochastic", plot_stoch, results)
     add("samples_2d", plot_scatter, store, problems)
     add("likelihood", plot_lik, results)
+    add("stochpeers", plot_stochastic_peers, results)
     for p in _problems(results["peers"]["compare"]):
         add(f"peers_{p}", plot_peers, results, p)
     write_markdown(results, out, plots=plots)
@@ -816,6 +817,113 @@ def stochastic_section(results: dict, plots: dict) -> str:
     L += [f"![{alt}]({plots[k]})\n" for k, alt in (("stochastic", "stochastic"), ("samples_2d", "samples"))
           if k in plots]
     return "\n".join(L)
+
+
+# ------------------------------------------------------------- stochastic samplers vs peers
+def _sp_cell(r: dict, metric: str) -> str:
+    """A distance (mixtures: sliced W2 / energy), with the actual NFE where below the budget."""
+    v = fmt(r[metric], ".3g") + (f" / {fmt(r['energy'], '.3g')}" if metric == "sw" else "")
+    v += " (MC)" if r["mode"] == "mc" else ""
+    return v + (f" [{r['nfe']}]" if r["nfe"] != r["budget"] else "")
+
+
+def _sp_problem_tables(p: dict, budgets) -> list[str]:
+    metric = p["metric"]
+    by = defaultdict(dict)
+    for r in p["rows"]:
+        by[(r["who"], r["sampler"])][r["budget"]] = r
+    rows = [[s if who in ("ours", s.split(" ")[0]) else f"{s} ({who})"] +
+            [_sp_cell(c[b], metric) if b in c else "-" for b in budgets] for (who, s), c in by.items()]
+    fl = p["floors"].get(p["canonical_map"], {})
+    if "kl_mc" in fl:
+        f = fl["kl_mc"]
+        rows.append([f"floor of MC rows ({f['samples']} exact samples)"] + [f"{f['mean']:.2g} ({f['min']:.2g}-"
+                                                                           f"{f['max']:.2g})"] * len(budgets))
+    elif "sw" in fl:
+        rows.append([f"floor ({fl['samples']} vs {fl['samples']} exact)"] +
+                    [f"{fl['sw']['mean']:.3g} / {fl['energy']['mean']:.3g}"] * len(budgets))
+    what = "KL(sampler ‖ target), exact moments unless MC" if metric == "kl" else "sliced W2 / energy distance"
+    L = [f"**{p['label']}** ({p['role']}; {what}; ours and score_sde's PC on the map {p['canonical_map']}, "
+         "each peer on its own; [n]: the NFE used where below the budget)\n",
+         md_table(["sampler"] + [f"NFE {b}" for b in budgets], rows) + "\n"]
+    comp = [[str(b), c["peer"], f"{c['peer_value']:.3g}", c["ours"], f"{c['ours_value']:.3g}", f"{c['ratio']:.2f}",
+             f"{c['floor']['mean']:.2g} (max {c['floor']['max']:.2g})", c["map"]]
+            for b, c in sorted(p["compare"].items(), key=lambda kv: int(kv[0]))]
+    if comp:
+        L += ["Best vs best, on the best peer's own map (ratio < 1: ours ahead; in the ratio a Monte-Carlo "
+              "distance inside the floor's range counts as the floor's maximum: sampling noise alone reaches it):\n",
+              md_table(["NFE", "best peer", metric, "our best there", metric, "ours / peer",
+                        "floor" + (" of MC rows" if metric == "kl" else ""), "map"], comp) + "\n"]
+    return L
+
+
+def stochastic_peers_section(results: dict, plots: dict) -> str:
+    sp = results.get("stochpeers")
+    if not sp or not sp.get("problems"):
+        return ""
+    budgets = sp["budgets"]
+    L = ["## Stochastic samplers vs the peers' stochastic samplers\n",
+         "Every sampler starts from exact samples of the marginal at its first noise level and is judged by the "
+         "law of its output against the exact law of its map's end (the Tweedie estimate at the last evaluated "
+         "level where the map denoises). Gaussian: the exact KL divergence, from exact output moments by "
+         "linearity (impulse runs through each library's noise hook) for every affine sampler, Monte Carlo "
+         f"({sp['mc_samples']} samples, floor stated) otherwise. Mixtures: sliced W2 and energy distance between "
+         f"{sp['samples']} outputs and as many exact samples; the floor is the same distance between two "
+         "independent exact sets. NFE counted at the model; a map that denoises costs us one NFE of the budget. "
+         f"The row \"{sp['score_sde_pc']}\" is score_sde's predictor-corrector sampler (our `pc` with that "
+         "option). Peer grids: k-diffusion, Karras (rho 7) from VP at T to sigma/alpha 0.01, then 0; diffusers, "
+         "the DDPM table (linear betas 1e-4..0.02) with each scheduler's default spacing. Notes: "
+         + "; ".join(f"{k}: {v}" for k, v in sp.get("peer_notes", {}).items()) + ". The maps are explained in "
+         "`validation/stochastic_peers.py`.\n"]
+    if sp.get("skipped"):
+        L.append(f"Not registered here, skipped: {', '.join(sp['skipped'])}.\n")
+    L += [f"Peers not run: {m}\n" for m in sp.get("missing", [])]
+    for p in sp["problems"]:
+        L += _sp_problem_tables(p, budgets)
+    rec = sp.get("recommended") or {}
+    if rec:
+        rows = []
+        for b, r in sorted(rec.items(), key=lambda kv: int(kv[0])):
+            held = "; ".join(f"{h['problem']}: {h['ratio']:.2f}" + ("" if h["within"] else " (loses)")
+                             + (" (inside the floor range)" if h.get("at_floor") else "") for h in r["heldout"]) or "-"
+            rows.append([b, r["rule"], f"{r.get('tuning_worst', r['tuning_ratio']):.2f} / {r['tuning_ratio']:.2f}",
+                         held])
+        L += ["Our recommended stochastic sampler per budget: one sampler per NFE, chosen on the tuning problems "
+              "(the smallest worst-case ratio to the best peer there, ties by the geometric mean), then reported "
+              "on the held-out problems (ratio to the best peer on its map; within 1.2, or inside the floor's "
+              "range where a mixture distance cannot tell samplers apart, or marked *loses*):\n",
+              md_table(["NFE", "recommended", "tuning: worst / geometric mean of ours / best peer",
+                        "held-out: ours / best peer"], rows) + "\n"]
+    if "stochpeers" in plots:
+        L.append(f"![stochastic peers]({plots['stochpeers']})\n")
+    return "\n".join(L)
+
+
+def plot_stochastic_peers(results: dict, path: Path) -> bool:
+    """Distance vs NFE per problem, log-log: our best and the best peer on the same map, the floor."""
+    sp = results.get("stochpeers")
+    probs = [p for p in (sp or {}).get("problems", []) if len(p["compare"]) > 1]
+    if not probs:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(probs), figsize=(3.6 * len(probs), 3.2), squeeze=False)
+    for ax, p in zip(axes[0], probs):
+        cs = sorted(p["compare"].items(), key=lambda kv: int(kv[0]))
+        n = [c["peer_nfe"] for _, c in cs]
+        ax.loglog(n, [c["peer_value"] for _, c in cs], "x--", lw=0.8, ms=4, label="best peer")
+        ax.loglog([c["ours_nfe"] for _, c in cs], [c["ours_value"] for _, c in cs], "o-", lw=0.8, ms=3,
+                  label="our best")
+        fl = p["floors"].get(p["canonical_map"], {})
+        f = fl.get("kl_mc") if p["metric"] == "kl" else fl.get("sw")
+        if f:
+            ax.axhline(f["mean"], color="k", lw=0.6, ls=":", label="floor (MC)" if p["metric"] == "kl" else "floor")
+        ax.set_title(f"{p['label']}: {'KL' if p['metric'] == 'kl' else 'sliced W2'}", fontsize=8)
+        ax.set_xlabel("NFE", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
 
 
 def _diverging_note(results: dict) -> str:
@@ -1093,5 +1201,5 @@ def notes_section(results: dict, plots: dict) -> str:
 
 #: the report, section by section (each takes the results and the plots, returns markdown or "")
 SECTIONS = [header_section, setup_section, det_orders_section, det_nfe_section, det_err_at_section,
-            grids_section, stochastic_section, likelihood_section, fewstep_section, peers_section, targets_section,
-            overhead_section, notes_section]
+            grids_section, stochastic_section, stochastic_peers_section, likelihood_section, fewstep_section,
+            peers_section, targets_section, overhead_section, notes_section]

@@ -21,6 +21,10 @@ Sections (``--sections``; all by default):
   was tuned on the other half (``python -m validation.fewstep --half tuning``).
 - ``peers``: diffusers and k-diffusion (the ``bench`` extra), converted exactly, order-checked,
   against our methods on the same maps; per-step overhead.
+- ``stochpeers``: our stochastic samplers against the peers' (k-diffusion, diffusers, score_sde's
+  PC) by distribution at NFE 10..200: exact Gaussian KL, sliced W2 and energy distance on
+  mixtures, each with its floor; a recommended sampler per budget, tuned on two problems and
+  reported on three held-out ones (:mod:`validation.stochastic_peers`).
 
 Gate (exit status 1, each failure listed): on the Gaussian the fitted order must reach
 theory - ``--tol`` (0.3; several multistep methods superconverge there: dpmpp_3m measures ~4
@@ -52,7 +56,7 @@ from .problems import SDES, end_time, make_problems
 
 BOUNDS_FILE = Path(__file__).with_name("bounds.json")
 BOUND_FACTOR = 2.0
-SECTIONS = ("det", "grids", "stoch", "lik", "fewstep", "peers")
+SECTIONS = ("det", "grids", "stoch", "lik", "fewstep", "peers", "stochpeers")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -85,6 +89,9 @@ class Plan:
         self.overhead = full
         from .heldout import HELDOUT
         self.fewstep_problems = list(HELDOUT) if full else ["held-mix2-poor", "held-gauss8"]
+        # stochpeers: quick = the two tuning problems at NFE 10 and 20, fewer samples
+        self.stochpeers = dict(problems=None, budgets=(10, 20, 50, 100, 200), samples=4000, mc_samples=8000) \
+            if full else dict(problems=["gaussian", "mixture2d"], budgets=(10, 20), samples=1000, mc_samples=2000)
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -207,6 +214,11 @@ def build_tasks(plan: Plan, args, problems, store: dict) -> list[tuple[str, call
         tasks += fewstep_tasks(plan, args, store)
     if "peers" in plan.sections:
         tasks += peer_tasks(plan, args, problems, store)
+    if "stochpeers" in plan.sections:
+        def t():
+            from . import stochastic_peers
+            store["stochpeers"] = stochastic_peers.run(**plan.stochpeers)
+        tasks.append(("stochastic peers", t))
     if "stoch" in plan.sections and "vp" in plan.stoch_sdes:
         def t():   # a deterministic panel for the 2-D scatter: an ODE sampler at 10 NFE
             c = det.Case("vp", SDES["vp"](), problems["mixture2d"], samples=plan.sw_samples)
@@ -328,6 +340,7 @@ def run(args) -> int:
         sections=plan.sections, sdes=plan.sdes, t_end={k: end_time(SDES[k]()) for k in plan.sdes},
         analytic=store["analytic"], deterministic=store["det"], grids=store["grids"], weak=store["weak"],
         sliced_wasserstein=store["sw"], likelihood=store["lik"], fewstep=store.get("fewstep"), peers=store["peers"],
+        stochpeers=store.get("stochpeers"),
         reference_checks=store.get("ref_checks", []), notes=store["notes"], failures=failures,
         bounds_file=str(BOUNDS_FILE.name) if bounds else None, task_seconds=timings,
     )
