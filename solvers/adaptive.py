@@ -325,6 +325,19 @@ class _Stop(Exception):
         self.code, self.rows = code, rows
 
 
+def _odeint_options(t1: float, max_steps: int, jump_t: Tensor | None, grid: Tensor | None, tdtype,
+                    dev) -> dict:
+    """torchdiffeq options: the fixed grid, or never past ``t1``, the knots, and torchdiffeq's
+    own step limit far above ours (ours is checked first, in the step callback)."""
+    if grid is not None:
+        g = grid.to(dtype=tdtype, device=dev)
+        return {"grid_constructor": lambda f, y_, t_: g}
+    options = {"step_t": torch.tensor([t1], dtype=tdtype), "max_num_steps": 10 * max_steps + 10}
+    if jump_t is not None and jump_t.numel():
+        options["jump_t"] = jump_t.to(tdtype)
+    return options
+
+
 def solve_shared(rhs: Callable[[Tensor, Tensor, Tensor], Tensor], y0: Tensor, t0: float, t1: float, *,
                  method: str, rtol: float, atol: float, norm: Callable[[Tensor], Tensor] | None = None,
                  max_steps: int = 10_000, jump_t: Tensor | None = None, grid: Tensor | None = None,
@@ -380,15 +393,9 @@ def solve_shared(rhs: Callable[[Tensor, Tensor, Tensor], Tensor], y0: Tensor, t0
         track["accepted"] += 1
 
     func.callback_step = on_step
-    options: dict = {}
-    if grid is not None:
-        g = grid.to(dtype=tdtype, device=dev)
-        options["grid_constructor"] = lambda f, y_, t_: g
-    else:
+    if grid is None:
         func.callback_accept_step = accept
-        options.update(step_t=torch.tensor([t1], dtype=tdtype), max_num_steps=10 * max_steps + 10)
-        if jump_t is not None and jump_t.numel():
-            options["jump_t"] = jump_t.to(tdtype)
+    options = _odeint_options(t1, max_steps, jump_t, grid, tdtype, dev)
     times = t_eval if t_eval is not None else torch.tensor([t0, t1], dtype=tdtype)
     status = torch.full((b,), SUCCESS, dtype=torch.long, device=dev)
     ys = None

@@ -394,127 +394,31 @@ class AdaptiveSDE(Solver):
         if isinstance(noise, BrownianNoise):
             raise ValueError("adaptive_sde draws its noise per attempt (or per sample with a bridge on rejected "
                              "steps) and cannot follow a BrownianNoise: pass a torch.Generator (or a list of them)")
-        t_start, t_end = grid.t_start, grid.t_end
-        if B == 0 or t_start == t_end:
+        if B == 0 or grid.t_start == grid.t_end:
             stats.update(sample_status=["success"] * B, accepted=[0] * B, rejected=[0] * B, iterations=0,
-                         t_reached=[t_end] * B)
+                         t_reached=[grid.t_end] * B)
             return Solution(x_T.clone(), 0, grid.t, None, stats)
-        dtype = _state_dtype(x_T)
-        rtol, atol, notes = check_tolerances(self.rtol, self.atol, dtype)
-        if notes:
-            stats["warnings"] = notes
-        stats.update(rtol=rtol, atol=atol)
-        span = t_start - t_end
-        h_max = span if self.h_max is None else min(float(self.h_max), span)
-        h0 = min(0.01 * span if self.h_init is None else float(self.h_init), h_max)
-        dt_min = float(self.dt_min)
-        dev = x_T.device
-        sde = model.sde
-        linear = isinstance(sde, LinearSDE)
-        tiny = torch.finfo(dtype).tiny
-        eps64 = torch.finfo(torch.float64).eps
-        snap = 1e-12 * span                                   # remaining distance counted as arrived
-        bridge = self.on_reject == "bridge"
-
-        def coef(t64: Tensor, like: Tensor) -> tuple[Tensor | None, Tensor]:
-            if linear:
-                f, g2 = sde.f_unchecked(t64), sde.g2_unchecked(t64)
-            else:                                              # a general SDE (score-only model)
-                f, g2 = None, sde.diffusion(t64) ** 2
-            cast = lambda v: append_dims(v.to(dtype=like.dtype), like.ndim)  # noqa: E731
-            return (cast(f) if f is not None else None), cast(g2)
-
-        def rev_drift(x: Tensor, t64: Tensor, f: Tensor | None, g2: Tensor) -> Tensor:
-            d = ev.evaluate(x, t64)
-            if f is None:
-                return sde.drift(x, t64.to(x.dtype)) - g2 * d.score
-            return f * x - g2 * d.score
-
-        x = x_T.to(dtype, copy=True)
-        x_prev = x.clone()
-        t = torch.full((B,), t_start, dtype=torch.float64, device=dev)
-        h = torch.full((B,), h0, dtype=torch.float64, device=dev)
-        status = torch.full((B,), _RUN, dtype=torch.long, device=dev)
-        n_acc = torch.zeros(B, dtype=torch.long, device=dev)
-        n_rej = torch.zeros(B, dtype=torch.long, device=dev)
-        memory = _BrownianMemory(x, tol=1e-11 * span) if bridge else None
         ev = CheckedModel(model, self.max_steps, check_finite=True)
-        it = 0
-        red = tuple(range(1, x.ndim))
-        n_el = max(1, x[0].numel())
+        run = _SDERun(self, model, ev, x_T, grid, stats)
 
         def finish(message: str | None = None) -> Solution:
-            stats["iterations"] = it
-            adaptive_driver.record(stats, _engine_solution(x, t, status, n_acc, n_rej, h, 2 * it))
+            stats["iterations"] = run.it
+            adaptive_driver.record(stats, run.solution())
             if message is not None:
                 stats["message"] = message
-            return Solution(x.to(x_T.dtype), model.nfe - nfe0, grid.t, None, stats)
+            return Solution(run.x.to(x_T.dtype), model.nfe - nfe0, grid.t, None, stats)
 
         with torch.no_grad():
             try:
-                while True:
-                    active = status == _RUN
-                    if not bool(active.any()):
-                        break
-                    if it >= self.max_steps:
-                        status[active] = _MAXS
-                        break
-                    ev.step_index = it
-                    idx = torch.nonzero(active).flatten()
-                    xa, ta, ha, pa = x[idx], t[idx], h[idx], x_prev[idx]
-                    tb = torch.where(ha >= ta - t_end, torch.full_like(ta, t_end), ta - ha)
-                    t_hi, t_lo = float(ta.max()), float(tb.min())
-                    # standard normals drawn for the whole batch, so that per-sample generators
-                    # advance in step whatever the rest of the batch does
-                    if bridge:
-                        xi1 = noise(2 * it, t_hi, t_lo, x)[idx]
-                        xi2 = noise(2 * it + 1, t_hi, t_lo, x)[idx]
-                        dW = memory.take(idx, ha, xi1, xi2)
-                    else:
-                        dW = torch.sqrt(append_dims(ha.to(dtype), x.ndim)) * noise(it, t_hi, t_lo, x)[idx]
-                    hx = append_dims(ha.to(dtype), x.ndim)
-                    f1, g21 = coef(ta, xa)
-                    k1 = -hx * rev_drift(xa, ta, f1, g21) + torch.sqrt(g21) * dW
-                    x_em = xa + k1
-                    f2, g22 = coef(tb, xa)
-                    k2 = -hx * rev_drift(x_em, tb, f2, g22) + torch.sqrt(g22) * dW
-                    x_ie = xa + 0.5 * (k1 + k2)
-                    delta = torch.maximum(rtol * torch.maximum(x_em.abs(), pa.abs()),
-                                          torch.full_like(x_em, atol)).clamp_min(tiny)
-                    q = (x_ie - x_em) / delta
-                    err = torch.sqrt((q * q).sum(dim=red) / n_el) if red else q.abs()
-                    err64 = err.to(torch.float64)
-                    ok = err64 <= 1.0
-                    if bridge:
-                        memory.commit(ok)
-                    okx = append_dims(ok, x.ndim)
-                    x[idx] = torch.where(okx, x_ie, xa)
-                    x_prev[idx] = torch.where(okx, x_em, pa)
-                    t_new = torch.where(ok, tb, ta)
-                    t_new = torch.where(t_new - t_end <= snap, torch.full_like(t_new, t_end), t_new)
-                    t[idx] = t_new
-                    n_acc[idx] += ok.long()
-                    n_rej[idx] += (~ok).long()
-                    # step-size controller
-                    h_ctrl = self.safety * ha * err64.clamp_min(1e-10) ** (-self.exponent)
-                    h_new = torch.minimum(torch.clamp(h_ctrl, min=dt_min, max=h_max), t_new - t_end)
-                    h[idx] = h_new
-                    st = torch.where(t_new <= t_end, torch.full_like(idx, _DONE), torch.full_like(idx, _RUN))
-                    if dt_min > 0:
-                        failed = (~ok) & (ha <= dt_min * (1.0 + 1e-9))
-                        st = torch.where(failed, torch.full_like(st, _DTMIN), st)
-                    else:
-                        under = (st == _RUN) & (h_ctrl < 10.0 * eps64 * t_new.abs())
-                        st = torch.where(under, torch.full_like(st, _UNDER), st)
-                    status[idx] = st
-                    it += 1
+                while run.active():
+                    stop = run.attempt(noise)
                     if callback is not None:
-                        callback(StepInfo(it - 1, float(t.max()), x, model.nfe - nfe0))
-                    if self.on_failure == "raise" and bool((st >= _DTMIN).any()):
+                        callback(StepInfo(run.it - 1, float(run.t.max()), run.x, model.nfe - nfe0))
+                    if stop:
                         break
-                worst = int(status.max())
+                worst = int(run.status.max())
                 if final_denoise and (worst < _DTMIN or self.on_failure == "return"):
-                    x = ev.evaluate(x, t.clone()).x0       # t = t_end, or where a failed sample stopped
+                    run.x = ev.evaluate(run.x, run.t.clone()).x0   # t = t_end, or where a failed sample stopped
                 ev.check_deferred()
             except NonFiniteError as err:
                 if nonfinite == "raise":
@@ -522,15 +426,140 @@ class AdaptiveSDE(Solver):
                 sol = finish(str(err))
                 sol.stats["status"] = "nonfinite"
                 return sol
-        found = adaptive_driver.failure(_engine_solution(x, t, status, n_acc, n_rej, h, 2 * it), what="adaptive_sde",
-                                        max_steps=self.max_steps, nfe=model.nfe - nfe0,
-                                        detail=f"t_end={t_end:.6g}, dt_min={dt_min:.3g}, rtol={rtol:g}, atol={atol:g}, "
-                                               f"iterations={it}")
+        found = adaptive_driver.failure(run.solution(), what="adaptive_sde", max_steps=self.max_steps,
+                                        nfe=model.nfe - nfe0, detail=run.detail())
         if found is None:
             return finish()
         partial = finish(found[2])
         if self.on_failure == "raise":
             adaptive_driver.raise_failure(found[0], found[2], nfe=model.nfe - nfe0, partial=partial,
-                                          sol=_engine_solution(x, t, status, n_acc, n_rej, h, 2 * it))
+                                          sol=run.solution())
         warnings.warn(found[2], RuntimeWarning, stacklevel=3)
         return partial
+
+
+class _SDERun:
+    """The per-sample state of one ``adaptive_sde`` solve and its step attempt (the embedded
+    Euler--Maruyama / improved-Euler pair and the controller of :class:`AdaptiveSDE`)."""
+
+    def __init__(self, solver: AdaptiveSDE, model: ScoreModel, ev: CheckedModel, x_T: Tensor, grid: TimeGrid,
+                 stats: dict):
+        self.solver, self.sde, self.ev = solver, model.sde, ev
+        dtype = self.dtype = _state_dtype(x_T)
+        self.rtol, self.atol, notes = check_tolerances(solver.rtol, solver.atol, dtype)
+        if notes:
+            stats["warnings"] = notes
+        stats.update(rtol=self.rtol, atol=self.atol)
+        self.t_end = grid.t_end
+        span = grid.t_start - grid.t_end
+        self.h_max = span if solver.h_max is None else min(float(solver.h_max), span)
+        h0 = min(0.01 * span if solver.h_init is None else float(solver.h_init), self.h_max)
+        self.dt_min = float(solver.dt_min)
+        self.snap = 1e-12 * span                              # remaining distance counted as arrived
+        self.bridge = solver.on_reject == "bridge"
+        B, dev = x_T.shape[0], x_T.device
+        self.x = x_T.to(dtype, copy=True)
+        self.x_prev = self.x.clone()
+        self.t = torch.full((B,), grid.t_start, dtype=torch.float64, device=dev)
+        self.h = torch.full((B,), h0, dtype=torch.float64, device=dev)
+        self.status = torch.full((B,), _RUN, dtype=torch.long, device=dev)
+        self.n_acc = torch.zeros(B, dtype=torch.long, device=dev)
+        self.n_rej = torch.zeros(B, dtype=torch.long, device=dev)
+        self.memory = _BrownianMemory(self.x, tol=1e-11 * span) if self.bridge else None
+        self.it = 0
+
+    def solution(self) -> adaptive.PerSampleSolution:
+        return _engine_solution(self.x, self.t, self.status, self.n_acc, self.n_rej, self.h, 2 * self.it)
+
+    def detail(self) -> str:
+        return (f"t_end={self.t_end:.6g}, dt_min={self.dt_min:.3g}, rtol={self.rtol:g}, atol={self.atol:g}, "
+                f"iterations={self.it}")
+
+    def active(self) -> bool:
+        """Whether a sample still runs; at ``max_steps`` iterations the running ones stop."""
+        active = self.status == _RUN
+        if not bool(active.any()):
+            return False
+        if self.it >= self.solver.max_steps:
+            self.status[active] = _MAXS
+            return False
+        return True
+
+    def _coef(self, t64: Tensor, like: Tensor) -> tuple[Tensor | None, Tensor]:
+        sde = self.sde
+        if isinstance(sde, LinearSDE):
+            f, g2 = sde.f_unchecked(t64), sde.g2_unchecked(t64)
+        else:                                                  # a general SDE (score-only model)
+            f, g2 = None, sde.diffusion(t64) ** 2
+        cast = lambda v: append_dims(v.to(dtype=like.dtype), like.ndim)  # noqa: E731
+        return (cast(f) if f is not None else None), cast(g2)
+
+    def _increment(self, x: Tensor, t64: Tensor, hx: Tensor, dW: Tensor) -> Tensor:
+        """``-h b(x, t) + g(t) dW`` with the reverse drift ``b = f x - g^2 s``."""
+        f, g2 = self._coef(t64, x)
+        d = self.ev.evaluate(x, t64)
+        drift = self.sde.drift(x, t64.to(x.dtype)) - g2 * d.score if f is None else f * x - g2 * d.score
+        return -hx * drift + torch.sqrt(g2) * dW
+
+    def attempt(self, noise: NoiseSource) -> bool:
+        """One step attempt of every running sample; True when the loop must stop (a failure
+        with ``on_failure="raise"``)."""
+        s, it, t_end = self, self.it, self.t_end
+        s.ev.step_index = it
+        idx = torch.nonzero(s.status == _RUN).flatten()
+        xa, ta, ha, pa = s.x[idx], s.t[idx], s.h[idx], s.x_prev[idx]
+        tb = torch.where(ha >= ta - t_end, torch.full_like(ta, t_end), ta - ha)
+        t_hi, t_lo = float(ta.max()), float(tb.min())
+        # standard normals drawn for the whole batch, so that per-sample generators
+        # advance in step whatever the rest of the batch does
+        if s.bridge:
+            xi1 = noise(2 * it, t_hi, t_lo, s.x)[idx]
+            xi2 = noise(2 * it + 1, t_hi, t_lo, s.x)[idx]
+            dW = s.memory.take(idx, ha, xi1, xi2)
+        else:
+            dW = torch.sqrt(append_dims(ha.to(s.dtype), s.x.ndim)) * noise(it, t_hi, t_lo, s.x)[idx]
+        hx = append_dims(ha.to(s.dtype), s.x.ndim)
+        k1 = s._increment(xa, ta, hx, dW)
+        x_em = xa + k1
+        k2 = s._increment(x_em, tb, hx, dW)
+        x_ie = xa + 0.5 * (k1 + k2)
+        ok, err64 = s._accept(x_em, x_ie, pa)
+        if s.bridge:
+            s.memory.commit(ok)
+        okx = append_dims(ok, s.x.ndim)
+        s.x[idx] = torch.where(okx, x_ie, xa)
+        s.x_prev[idx] = torch.where(okx, x_em, pa)
+        t_new = torch.where(ok, tb, ta)
+        t_new = torch.where(t_new - t_end <= s.snap, torch.full_like(t_new, t_end), t_new)
+        s.t[idx] = t_new
+        s.n_acc[idx] += ok.long()
+        s.n_rej[idx] += (~ok).long()
+        st = s._control(idx, ok, err64, ha, t_new)
+        s.status[idx] = st
+        s.it += 1
+        return s.solver.on_failure == "raise" and bool((st >= _DTMIN).any())
+
+    def _accept(self, x_em: Tensor, x_ie: Tensor, x_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """The error norm E of the pair and the acceptance E <= 1 (float64 E)."""
+        tiny = torch.finfo(self.dtype).tiny
+        delta = torch.maximum(self.rtol * torch.maximum(x_em.abs(), x_prev.abs()),
+                              torch.full_like(x_em, self.atol)).clamp_min(tiny)
+        q = (x_ie - x_em) / delta
+        red = tuple(range(1, q.ndim))
+        n_el = max(1, q[0].numel())
+        err = torch.sqrt((q * q).sum(dim=red) / n_el) if red else q.abs()
+        err64 = err.to(torch.float64)
+        return err64 <= 1.0, err64
+
+    def _control(self, idx: Tensor, ok: Tensor, err64: Tensor, ha: Tensor, t_new: Tensor) -> Tensor:
+        """The next step sizes and the attempted samples' status codes."""
+        solver, t_end, dt_min = self.solver, self.t_end, self.dt_min
+        h_ctrl = solver.safety * ha * err64.clamp_min(1e-10) ** (-solver.exponent)
+        self.h[idx] = torch.minimum(torch.clamp(h_ctrl, min=dt_min, max=self.h_max), t_new - t_end)
+        st = torch.where(t_new <= t_end, torch.full_like(idx, _DONE), torch.full_like(idx, _RUN))
+        if dt_min > 0:
+            failed = (~ok) & (ha <= dt_min * (1.0 + 1e-9))
+            return torch.where(failed, torch.full_like(st, _DTMIN), st)
+        eps64 = torch.finfo(torch.float64).eps
+        under = (st == _RUN) & (h_ctrl < 10.0 * eps64 * t_new.abs())
+        return torch.where(under, torch.full_like(st, _UNDER), st)
