@@ -108,10 +108,9 @@ class StepTable:
     general: bool | None = None
     delta: Tensor | None = None
     g2_delta: Tensor | None = None
-    # -- heun (see Heun.prepare): x~ = scale x + euler eps, x' = scale x + half (eps + eps~)
+    # -- heun, edm_sde, restart (ode.heun_step): x~ = scale x + euler eps, x' = scale x + euler (eps + eps~) / 2
     scale_f: list[float] | None = None         # alpha_{i+1} / alpha_i
     euler_f: list[float] | None = None         # -sigma_{i+1} expm1(h_i)
-    half_f: list[float] | None = None          # euler_f / 2
     # -- exponential multistep: x_{i+1} = sigma_ratio x + sum_j coef[i][j] x0^{(i-j)}
     coef_f: list[list[float]] | None = None
     sigma_ratio_f: list[float] | None = None

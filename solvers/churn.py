@@ -56,7 +56,7 @@ from ._registry import register
 from .base import CheckedModel, Solver, StepTable
 from .exponential import _need_finite_lam
 from .noise import NoiseSource
-from .ode import Heun
+from .ode import Heun, heun_step
 from .timesteps import TimeGrid
 
 __all__ = ["EDMStochastic", "ChurnStep", "churn_gammas"]
@@ -165,10 +165,5 @@ class EDMStochastic(Solver):
         c = tab.stages[i]
         if c.gamma > 0.0:
             x = torch.add(x * c.churn_x, noise(i, tab.t[i], tab.t[i + 1], x), alpha=c.churn_std)
-        eps = model.evaluate(x, c.t_hat).eps
-        ax = x * c.scale
-        x_next = torch.add(ax, eps, alpha=c.euler)                     # Euler: x~
-        if not (self.last_step_euler and i == tab.steps - 1):
-            eps2 = model.evaluate(x_next, tab.t64[i + 1]).eps
-            x_next = ax.add_(eps, alpha=0.5 * c.euler).add_(eps2, alpha=0.5 * c.euler)
-        return x_next, state
+        corrected = not (self.last_step_euler and i == tab.steps - 1)
+        return heun_step(model, x, c.t_hat, tab.t64[i + 1], c.scale, c.euler, corrected), state

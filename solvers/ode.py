@@ -25,7 +25,7 @@ from .adaptive_driver import PER_SAMPLE_METHODS
 from .time_change import TIME_VARIABLES
 from .timesteps import TimeGrid
 
-__all__ = ["Euler", "Heun", "DDIM", "PFODE", "check_tolerances"]
+__all__ = ["Euler", "Heun", "DDIM", "PFODE", "check_tolerances", "heun_coefficients", "heun_step"]
 
 
 @register("euler")
@@ -89,32 +89,44 @@ class Heun(Solver):
         :math:`\Delta = \hat\sigma_{i+1}-\hat\sigma_i` and :math:`a = \alpha_{i+1}/\alpha_i` the step is
         :math:`\tilde x = a x_i + \alpha_{i+1}\Delta\,\hat\epsilon_i` and
         :math:`x_{i+1} = a x_i + \tfrac12\alpha_{i+1}\Delta(\hat\epsilon_i + \hat\epsilon(\tilde x))`:
-        three Python-float coefficients per step, fused updates.  They are computed in float64
-        from logs, :math:`a = e^{\log\alpha_{i+1}-\log\alpha_i}` and
+        two Python-float coefficients per step (:func:`heun_coefficients`), fused updates
+        (:func:`heun_step`).  They are computed in float64 from logs, :math:`a = e^{\log\alpha_{i+1}-\log\alpha_i}` and
         :math:`\alpha_{i+1}\Delta = -\sigma_{i+1}\,\mathrm{expm1}(h_i)` (:math:`h_i` the step in
         :math:`\log(\alpha/\sigma)`), so neither :math:`\hat\sigma` (up to 1e150) nor the
         difference of two close :math:`\hat\sigma` is ever formed; :func:`_check_heun_steps` then
         rejects a grid whose steps the state's dtype cannot carry."""
         tab = super().prepare(sde, grid, like)
-        log_alpha = torch.log(tab.alpha64)
-        scale = torch.exp(log_alpha[1:] - log_alpha[:-1])
-        euler = -tab.sigma64[1:] * torch.expm1(tab.h64)
+        scale, euler = heun_coefficients(tab.alpha64, tab.sigma64, tab.lam64)
         _check_heun_steps(scale, grid, like.dtype, self.last_step_euler)
         tab.scale_f = scale.tolist()
         tab.euler_f = euler.tolist()
-        tab.half_f = (0.5 * euler).tolist()
         return tab
 
     def step(self, model: CheckedModel, i: int, x: Tensor, state: Any, tab: StepTable, noise) -> tuple:
-        # scale = alpha_{i+1}/alpha_i, euler = alpha_{i+1} Delta = -sigma_{i+1} expm1(h_i), half = euler/2
-        eps = model.evaluate(x, tab.t64[i]).eps
-        ax = x * tab.scale_f[i]
-        x_next = torch.add(ax, eps, alpha=tab.euler_f[i])                # x~ = scale x + euler eps_i
-        if not (self.last_step_euler and i == tab.steps - 1):
-            eps2 = model.evaluate(x_next, tab.t64[i + 1]).eps
-            # x_{i+1} = scale x + half (eps_i + eps(x~)), accumulated into the scaled copy
-            x_next = ax.add_(eps, alpha=tab.half_f[i]).add_(eps2, alpha=tab.half_f[i])
-        return x_next, state
+        corrected = not (self.last_step_euler and i == tab.steps - 1)
+        return heun_step(model, x, tab.t64[i], tab.t64[i + 1], tab.scale_f[i], tab.euler_f[i], corrected), state
+
+
+def heun_coefficients(alpha64: Tensor, sigma64: Tensor, lam64: Tensor) -> tuple[Tensor, Tensor]:
+    r"""EDM Heun's per-step coefficients on a grid (float64): ``scale`` :math:`=\alpha_{j+1}/\alpha_j`
+    :math:`= e^{\log\alpha_{j+1}-\log\alpha_j}` and ``euler`` :math:`=\alpha_{j+1}(\hat\sigma_{j+1}-
+    \hat\sigma_j) = -\sigma_{j+1}\,\mathrm{expm1}(\lambda_{j+1}-\lambda_j)` (see :meth:`Heun.prepare`)."""
+    log_alpha = torch.log(alpha64)
+    return torch.exp(log_alpha[1:] - log_alpha[:-1]), -sigma64[1:] * torch.expm1(lam64[1:] - lam64[:-1])
+
+
+def heun_step(model: CheckedModel, x: Tensor, t0: Tensor, t1: Tensor, scale: float, euler: float,
+              corrected: bool = True) -> Tensor:
+    r"""One EDM Heun step from ``t0`` to ``t1``: :math:`\tilde x = \text{scale}\,x + \text{euler}\,\hat\epsilon(x)`,
+    then (``corrected``) :math:`\text{scale}\,x + \tfrac12\text{euler}(\hat\epsilon(x) + \hat\epsilon(\tilde x))`,
+    accumulated into the scaled copy; 1 or 2 NFE.  Shared by ``heun``, ``edm_sde`` and ``restart``."""
+    eps = model.evaluate(x, t0).eps
+    ax = x * scale
+    x_next = torch.add(ax, eps, alpha=euler)
+    if not corrected:
+        return x_next
+    eps2 = model.evaluate(x_next, t1).eps
+    return ax.add_(eps, alpha=0.5 * euler).add_(eps2, alpha=0.5 * euler)
 
 
 def _step_amplification(scale: Tensor, dtype: torch.dtype, last_step_euler: bool) -> Tensor:

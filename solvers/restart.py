@@ -38,22 +38,12 @@ from ._registry import register
 from .base import CheckedModel, Solver, StepTable
 from .exponential import _need_finite_lam
 from .noise import BrownianNoise, NoiseSource
+from .ode import heun_coefficients, heun_step
 from .timesteps import TimeGrid, make_grid
 
-__all__ = ["Restart", "RestartPlan", "heun_coefficients"]
+__all__ = ["Restart", "RestartPlan"]
 
 DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX = 0.1, 2.0
-
-
-def heun_coefficients(alpha64: Tensor, sigma64: Tensor, lam64: Tensor) -> tuple[list[float], list[float]]:
-    r"""EDM Heun on a grid: ``scale`` :math:`=\alpha_{j+1}/\alpha_j` and ``euler``
-    :math:`=\alpha_{j+1}(\hat\sigma_{j+1}-\hat\sigma_j) = -\sigma_{j+1}\mathrm{expm1}(h_j)`, so that
-    :math:`\tilde x = \text{scale}\,x + \text{euler}\,\hat\epsilon_j` and
-    :math:`x_{j+1} = \text{scale}\,x + \tfrac12\text{euler}(\hat\epsilon_j + \hat\epsilon(\tilde x))`."""
-    log_alpha = torch.log(alpha64)
-    scale = torch.exp(log_alpha[1:] - log_alpha[:-1])
-    euler = -sigma64[1:] * torch.expm1(lam64[1:] - lam64[:-1])
-    return scale.tolist(), euler.tolist()
 
 
 class RestartPlan(NamedTuple):
@@ -68,13 +58,6 @@ class RestartPlan(NamedTuple):
     t64: Tensor            # the restart grid t_max -> t_min (float64)
     scale_f: list[float]
     euler_f: list[float]
-
-
-def _heun(model: CheckedModel, x: Tensor, t0: Tensor, t1: Tensor, scale: float, euler: float) -> Tensor:
-    eps = model.evaluate(x, t0).eps
-    ax = x * scale
-    eps2 = model.evaluate(torch.add(ax, eps, alpha=euler), t1).eps
-    return ax.add_(eps, alpha=0.5 * euler).add_(eps2, alpha=0.5 * euler)
 
 
 @register("restart")
@@ -169,7 +152,7 @@ class Restart(Solver):
         t[0], t[-1] = t_max, t_min
         c = sde.coefficients(t)
         lam = 0.5 * c["log_snr"]
-        scale, euler = heun_coefficients(c["alpha"], c["sigma"], lam)
+        scale, euler = (v.tolist() for v in heun_coefficients(c["alpha"], c["sigma"], lam))
         gap = float(lam[-1] - lam[0])                                   # lam_min - lam_max > 0
         return RestartPlan(index, self.restart_K, t_min, t_max, float(c["alpha"][0] / c["alpha"][-1]),
                            float(c["sigma"][0]) * math.sqrt(-math.expm1(-2.0 * gap)), t, scale, euler)
@@ -177,7 +160,7 @@ class Restart(Solver):
     def prepare(self, sde: SDE, grid: TimeGrid, like: Tensor) -> StepTable:
         tab = super().prepare(sde, grid, like)
         _need_finite_lam(tab, self.name)
-        tab.scale_f, tab.euler_f = heun_coefficients(tab.alpha64, tab.sigma64, tab.lam64)
+        tab.scale_f, tab.euler_f = (v.tolist() for v in heun_coefficients(tab.alpha64, tab.sigma64, tab.lam64))
         tab.stages = [None] * grid.steps
         if self.restart_K > 0:
             plan = self._plan(sde, grid, tab)
@@ -189,14 +172,14 @@ class Restart(Solver):
         if i == 0 and isinstance(noise, BrownianNoise) and self.restart_K > 0:
             raise ValueError("restart draws fresh noise for every restart (the same interval K times) "
                              "and cannot follow a BrownianNoise: pass a torch.Generator (or a list of them)")
-        x = _heun(model, x, tab.t64[i], tab.t64[i + 1], tab.scale_f[i], tab.euler_f[i])
+        x = heun_step(model, x, tab.t64[i], tab.t64[i + 1], tab.scale_f[i], tab.euler_f[i])
         plan = tab.stages[i]
         if plan is not None:
             for _ in range(plan.K):
                 z = noise(i, plan.t_min, plan.t_max, x)
                 x = torch.add(x * plan.jump_scale, z, alpha=plan.jump_std)
                 for j in range(len(plan.scale_f)):
-                    x = _heun(model, x, plan.t64[j], plan.t64[j + 1], plan.scale_f[j], plan.euler_f[j])
+                    x = heun_step(model, x, plan.t64[j], plan.t64[j + 1], plan.scale_f[j], plan.euler_f[j])
         return x, state
 
     def stats(self, table: StepTable) -> dict:
